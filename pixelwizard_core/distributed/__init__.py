@@ -1,0 +1,1 @@
+"""Multi-process inference: Ulysses sequence parallel over torch.distributed (NCCL on CUDA, gloo on CPU)."""

@@ -1,0 +1,258 @@
+"""Wan2.2-TI2V-5B diffusion transformer (official ``WanModel``, t2v/ti2v path), our implementation.
+
+Keys and shapes are the official ones (tests/manifests/wan2.2_ti2v_5b_dit.json). Numerics follow the
+official bf16 pipeline (PixelWizard always converts the DiT to bf16): Linears compute in the parameter
+dtype, the time embedding, modulation, norms and head in float32, the residual stream in float32.
+
+Deviation for memory: one timestep per sample gives one modulation row that is broadcast over the
+tokens, instead of the official per-token copies (8 GB at 2K, 18 GB at 4K); the values are identical.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from .attention import attention
+from .layers import Conv3d, FP32Linear, LayerNorm, Linear, RMSNorm, mlp, sinusoidal_embedding
+from .parallel import SequenceParallel, check_degree, shard_tokens
+from .rope import apply_rope, rope_cos_sin
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int = 3072
+    ffn_dim: int = 14336
+    freq_dim: int = 256
+    num_heads: int = 24
+    num_layers: int = 30
+    in_dim: int = 48
+    out_dim: int = 48
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    text_dim: int = 4096
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def tiny(cls, **overrides) -> "DiTConfig":
+        """A small config for tests: same structure, head_dim 16 (8 RoPE pairs split 4/2/2)."""
+        values = dict(dim=64, ffn_dim=128, freq_dim=32, num_heads=4, num_layers=2, in_dim=8, out_dim=8,
+                      text_len=16, text_dim=24)
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class TokenState:
+    """Everything the blocks share within one forward call."""
+
+    e0: torch.Tensor  # [B, 1 or L_local, 6, dim] float32 modulation from the time embedding
+    context: torch.Tensor  # [B, text_len, dim] embedded text
+    cos: torch.Tensor  # [L_local, head_dim/2] float32 RoPE
+    sin: torch.Tensor
+    seq_len: int  # true token count (keys beyond it are padding)
+    sp: SequenceParallel | None
+    attn_backend: str
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), state.cos, state.sin)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), state.cos, state.sin)
+        v = self.v(x).unflatten(2, heads)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        if state.sp is not None:
+            q, k, v = (state.sp.tokens_to_heads(t) for t in (q, k, v))
+        out = attention(q, k, v, k_len=state.seq_len, backend=state.attn_backend)
+        if state.sp is not None:
+            out = state.sp.heads_to_tokens(out)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to all text_len context rows (no RoPE, no key mask: as official)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_backend: str) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(2, heads)
+        k = self.norm_k(self.k(context)).unflatten(2, heads)
+        v = self.v(context).unflatten(2, heads)
+        return self.o(attention(q, k, v, backend=attn_backend).flatten(2))
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention and FFN modulated 6 ways by the time embedding; cross-attention in between."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = LayerNorm(dim, eps)
+        self.self_attn = SelfAttention(dim, config.num_heads, eps)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, config.num_heads, eps)
+        self.norm2 = LayerNorm(dim, eps)
+        self.ffn = nn.Sequential(Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), Linear(config.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        # chunk order: shift, scale, gate (attention), shift, scale, gate (FFN)
+        mod = (self.modulation.float().unsqueeze(0) + state.e0).unbind(dim=2)
+        y = self.self_attn(self.norm1(x).float() * (1 + mod[1]) + mod[0], state)
+        x = x + y * mod[2]
+        x = x + self.cross_attn(self.norm3(x), state.context, state.attn_backend)
+        y = self.ffn(self.norm2(x).float() * (1 + mod[4]) + mod[3])
+        return x + y * mod[5]
+
+
+class Head(nn.Module):
+    """Output projection modulated by the time embedding e (not e0), in float32."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.norm = LayerNorm(config.dim, config.eps)
+        self.head = FP32Linear(config.dim, math.prod(config.patch_size) * config.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(dim=2)
+        return self.head(self.norm(x.float()) * (1 + scale) + shift)
+
+
+class WanDiT(nn.Module):
+    """The Wan2.2 DiT: latent [B, 48, T, H, W] + timestep + text context -> flow velocity."""
+
+    def __init__(self, config: DiTConfig = DiTConfig()) -> None:
+        super().__init__()
+        if config.dim % config.num_heads or config.head_dim % 2:
+            raise ConfigError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
+        self.config = config
+        self.attn_backend = "auto"
+        self.patch_embedding = Conv3d(config.in_dim, config.dim, config.patch_size, stride=config.patch_size)
+        self.text_embedding = mlp(config.text_dim, config.dim, nn.GELU(approximate="tanh"))
+        self.time_embedding = mlp(config.freq_dim, config.dim, nn.SiLU(), FP32Linear)
+        self.time_projection = nn.Sequential(nn.SiLU(), FP32Linear(config.dim, 6 * config.dim))
+        self.blocks = nn.ModuleList(AttentionBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+
+    # --- embeddings -------------------------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B, C, T, H, W] -> tokens [B, L, dim] in F-H-W order, and the token grid."""
+        self._check_latent(x)
+        y = self.patch_embedding(x)
+        return y.flatten(2).transpose(1, 2), tuple(y.shape[2:])
+
+    def time_embedding_of(self, t: torch.Tensor) -> torch.Tensor:
+        """Time embedding e [B, dim] (t [B]) or [B, L, dim] (t [B, L]), float32."""
+        features = sinusoidal_embedding(self.config.freq_dim, t.flatten()).float()
+        return self.time_embedding(features).unflatten(0, t.shape)
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Zero-pad context rows to text_len (the padded rows are attended, as official) and embed."""
+        batch, rows, width = context.shape
+        if width != self.config.text_dim or rows > self.config.text_len:
+            raise ConfigError(
+                f"text context has shape {tuple(context.shape)}; expected [B, <= {self.config.text_len}, "
+                f"{self.config.text_dim}] from the umT5 encoder"
+            )
+        if rows < self.config.text_len:
+            context = torch.cat([context, context.new_zeros(batch, self.config.text_len - rows, width)], dim=1)
+        return self.text_embedding(context)
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        sp: SequenceParallel | None = None,
+    ) -> torch.Tensor:
+        """Velocity [B, out_dim, T, H, W] float32 for latent ``x``, timesteps ``t`` ([B] or [B, L]),
+        text ``context`` [B, rows, text_dim]; ``sp`` splits the tokens over a sequence-parallel group."""
+        return self.run(x, self.time_embedding_of(t), context, sp=sp)
+
+    def run(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        sp: SequenceParallel | None = None,
+        block_inputs: Mapping[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Forward from a ready time embedding ``e``; ``block_inputs[i]`` ([B, L, dim]) is added to the
+        input of block i (the HR model's anchor injection)."""
+        if sp is not None:
+            check_degree(self.config.num_heads, sp.world_size)
+        tokens, grid = self.patchify(x)
+        seq_len = tokens.shape[1]
+        e = e if e.dim() == 3 else e.unsqueeze(1)  # [B, 1 or L, dim]
+        cos, sin = rope_cos_sin(grid, self.config.head_dim, device=tokens.device)
+        if sp is not None:
+            tokens = shard_tokens(tokens, sp)
+            cos = shard_tokens(cos[None], sp, pad_value=1.0)[0]  # padded rows rotate by identity
+            sin = shard_tokens(sin[None], sp)[0]
+            if e.shape[1] > 1:
+                e = shard_tokens(e, sp)
+        state = TokenState(
+            e0=self.time_projection(e).unflatten(2, (6, self.config.dim)),
+            context=self.embed_text(context),
+            cos=cos,
+            sin=sin,
+            seq_len=seq_len,
+            sp=sp,
+            attn_backend=self.attn_backend,
+        )
+        block_inputs = block_inputs or {}
+        for index, block in enumerate(self.blocks):
+            if index in block_inputs:
+                extra = block_inputs[index]
+                tokens = tokens + (shard_tokens(extra, sp) if sp is not None else extra).to(tokens.dtype)
+            tokens = block(tokens, state)
+        out = self.head(tokens, e)
+        if sp is not None:
+            out = sp.gather_tokens(out)[:, :seq_len]
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, prod(patch) * out_dim] -> [B, out_dim, T*pt, H*ph, W*pw] float32."""
+        (f, h, w), (pt, ph, pw) = grid, self.config.patch_size
+        u = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        u = torch.einsum("bfhwpqrc->bcfphqwr", u)
+        return u.reshape(tokens.shape[0], self.config.out_dim, f * pt, h * ph, w * pw).float()
+
+    def _check_latent(self, x: torch.Tensor) -> None:
+        pt, ph, pw = self.config.patch_size
+        if x.dim() != 5 or x.shape[1] != self.config.in_dim:
+            raise ConfigError(
+                f"latent has shape {tuple(x.shape)}; expected [B, {self.config.in_dim}, T, H, W] (Wan2.2 latents)"
+            )
+        if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ConfigError(
+                f"latent size T={x.shape[2]} H={x.shape[3]} W={x.shape[4]} is not divisible by the patch "
+                f"{self.config.patch_size}: pixel height and width must be multiples of 32"
+            )

@@ -1,0 +1,218 @@
+"""Wan2.2 DiT and PixelWizard HR DiT: keys, parity with the official code, numerics, sequence parallel."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import FIXTURES, free_port, manifest, meta_shapes
+from safetensors.torch import load_file
+
+from pixelwizard_core.errors import ConfigError
+from pixelwizard_core.models.dit import DiTConfig, WanDiT
+from pixelwizard_core.models.hr import (
+    STEP_SIZE_CONDITIONINGS,
+    SinusoidalStepSize,
+    StepSizeConditioning,
+    WanHRDiT,
+    register_step_size_conditioning,
+)
+from pixelwizard_core.models.parallel import valid_degrees
+
+TINY = DiTConfig.tiny()
+
+
+def tiny_inputs(generator, batch=1, grid=(3, 4, 6)):
+    f, h, w = grid
+    x = torch.randn(batch, TINY.in_dim, f, h, w, generator=generator)
+    context = torch.randn(batch, 5, TINY.text_dim, generator=generator)
+    anchor = torch.randn(batch, TINY.in_dim, f, h // 2, w // 2, generator=generator)
+    return x, context, anchor
+
+
+def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def test_dit_keys_and_shapes_match_the_official_manifest():
+    with torch.device("meta"):
+        model = WanDiT(DiTConfig())
+    assert meta_shapes(model) == manifest("wan2.2_ti2v_5b_dit")["keys"]
+    assert sum(p.numel() for p in model.parameters()) == 4_999_787_712
+
+
+def test_hr_keys_and_shapes_match_the_pixelwizard_manifest():
+    with torch.device("meta"):
+        model = WanHRDiT(DiTConfig())
+    expected = {k.removeprefix("model."): v for k, v in manifest("pixelwizard_hr_checkpoint")["keys"].items()}
+    assert meta_shapes(model) == expected
+
+
+def _parity_fixture():
+    data = load_file(FIXTURES / "parity_dit.safetensors")
+    weights = {k.removeprefix("weight."): v for k, v in data.items() if k.startswith("weight.")}
+    return data, weights
+
+
+def test_dit_equals_the_official_implementation():
+    data, weights = _parity_fixture()
+    model = WanDiT(TINY).eval()
+    model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(("dt_", "spatial_"))})
+    with torch.no_grad():
+        out = model(data["x"], data["t"], data["context"])
+    expected = data["official_out"]
+    assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+def test_hr_dit_equals_the_reference_formulation():
+    data, weights = _parity_fixture()
+    model = WanHRDiT(TINY).eval()
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        out = model(data["x"], data["t"], data["context"], dt=data["dt"], anchor=data["anchor"])
+    expected = data["official_hr_out"]
+    assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+def test_forward_is_deterministic_and_keeps_the_latent_shape(generator):
+    model = randomised(WanDiT(TINY))
+    x, context, _ = tiny_inputs(generator, batch=2)
+    t = torch.tensor([999.0, 500.0])
+    with torch.no_grad():
+        first, second = model(x, t, context), model(x, t, context)
+    assert first.shape == x.shape and first.dtype == torch.float32
+    assert torch.equal(first, second)
+
+
+def test_per_token_timesteps_equal_one_timestep_per_sample(generator):
+    model = randomised(WanDiT(TINY))
+    x, context, _ = tiny_inputs(generator)
+    tokens = 3 * 2 * 3
+    with torch.no_grad():
+        scalar = model(x, torch.tensor([700.0]), context)
+        per_token = model(x, torch.full((1, tokens), 700.0), context)
+    # the same numbers up to float32 GEMM rounding (one row vs L rows through the time projection)
+    assert ((per_token - scalar).abs().max() / scalar.abs().max()).item() <= 1e-5
+
+
+def test_hr_with_zeroed_step_size_and_injector_equals_the_base_dit(generator):
+    hr = randomised(WanHRDiT(TINY))
+    with torch.no_grad():
+        for p in list(hr.dt_embedding[2].parameters()) + list(hr.spatial_adapter.zero_layers.parameters()):
+            p.zero_()
+    base = WanDiT(TINY).eval()
+    base.load_state_dict({k: v for k, v in hr.state_dict().items() if not k.startswith(("dt_", "spatial_"))})
+    x, context, anchor = tiny_inputs(generator)
+    t = torch.tensor([942.0])
+    with torch.no_grad():
+        assert torch.equal(hr(x, t, context, dt=torch.tensor([96.0]), anchor=anchor), base(x, t, context))
+
+
+def test_hr_output_depends_on_dt_and_anchor(generator):
+    hr = randomised(WanHRDiT(TINY))
+    x, context, anchor = tiny_inputs(generator)
+    t = torch.tensor([942.0])
+    with torch.no_grad():
+        reference = hr(x, t, context, dt=torch.tensor([96.0]), anchor=anchor)
+        other_dt = hr(x, t, context, dt=torch.tensor([198.0]), anchor=anchor)
+        other_anchor = hr(x, t, context, dt=torch.tensor([96.0]), anchor=anchor.flip(-1))
+    assert not torch.allclose(reference, other_dt)
+    assert not torch.allclose(reference, other_anchor)
+
+
+def test_bf16_weights_stay_within_bf16_tolerance_of_fp32(generator):
+    model = randomised(WanHRDiT(TINY))
+    x, context, anchor = tiny_inputs(generator)
+    args = (x, torch.tensor([845.0]), context)
+    with torch.no_grad():
+        full = model(*args, dt=torch.tensor([198.0]), anchor=anchor)
+        model.to(torch.bfloat16)
+        half = model(*args, dt=torch.tensor([198.0]), anchor=anchor)
+    assert half.dtype == torch.float32
+    assert ((half - full).norm() / full.norm()).item() < 0.05
+
+
+def test_bad_inputs_are_refused_with_what_to_change(generator):
+    model = WanHRDiT(TINY)
+    x, context, anchor = tiny_inputs(generator)
+    t, dt = torch.tensor([999.0]), torch.tensor([56.0])
+    with pytest.raises(ConfigError, match="expected \\[B, 8, T, H, W\\]"):
+        model(x[:, :4], t, context, dt=dt, anchor=anchor)
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        model(x[..., :5], t, context, dt=dt, anchor=anchor)
+    with pytest.raises(ConfigError, match="token grid"):
+        model(x, t, context, dt=dt, anchor=anchor[..., :2])
+    with pytest.raises(ConfigError, match="umT5"):
+        model(x, t, context[..., :7], dt=dt, anchor=anchor)
+    with pytest.raises(ConfigError, match="registered: sinusoidal"):
+        WanHRDiT(TINY, step_size_conditioning="nope")
+
+
+def test_a_new_step_size_conditioning_plugs_in_by_name(generator):
+    class NoiseSpan(SinusoidalStepSize):
+        """Conditions on the shifted noise span instead of the index step (example plug-in)."""
+
+        def signal(self, t, dt):
+            return 1000.0 * (t - (t - dt).clamp_min(0)) / 1000.0 + 0.5
+
+    register_step_size_conditioning("test_noise_span", NoiseSpan)
+    try:
+        model = randomised(WanHRDiT(TINY, step_size_conditioning="test_noise_span"))
+        assert isinstance(model.dt_embedding, StepSizeConditioning)
+        x, context, anchor = tiny_inputs(generator)
+        with torch.no_grad():
+            out = model(x, torch.tensor([999.0]), context, dt=torch.tensor([56.0]), anchor=anchor)
+        assert out.shape == x.shape
+        assert set(model.state_dict()) == set(randomised(WanHRDiT(TINY)).state_dict())
+    finally:
+        del STEP_SIZE_CONDITIONINGS["test_noise_span"]
+
+
+# --- sequence parallel over real processes (gloo) ------------------------------------------------
+
+
+def _sp_worker(rank: int, world_size: int, port: int, grid: tuple[int, int, int], result_path: str) -> None:
+    from pixelwizard_core.distributed.ulysses import UlyssesGroup
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = randomised(WanHRDiT(TINY))
+        x, context, anchor = tiny_inputs(torch.Generator().manual_seed(1), grid=grid)
+        with torch.no_grad():
+            out = model(x, torch.tensor([999.0]), context, dt=torch.tensor([56.0]), anchor=anchor, sp=UlyssesGroup())
+        if rank == 0:
+            torch.save(out, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size, grid", [(2, (3, 4, 6)), (2, (3, 6, 6))], ids=["even", "padded"])
+def test_sequence_parallel_hr_forward_equals_single_process(tmp_path, world_size, grid):
+    """Tokens split over ranks (padded when the world size does not divide them), the injector's
+    control sliced per rank, RoPE rows offset per rank: the gathered output equals one process."""
+    result = tmp_path / "out.pt"
+    mp.spawn(_sp_worker, args=(world_size, free_port(), grid, str(result)), nprocs=world_size)
+    model = randomised(WanHRDiT(TINY))
+    x, context, anchor = tiny_inputs(torch.Generator().manual_seed(1), grid=grid)
+    with torch.no_grad():
+        expected = model(x, torch.tensor([999.0]), context, dt=torch.tensor([56.0]), anchor=anchor)
+    assert (3 * (grid[1] // 2) * (grid[2] // 2)) % world_size == (0 if grid == (3, 4, 6) else 1)
+    torch.testing.assert_close(torch.load(result, weights_only=True), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_parallel_degree_must_divide_the_heads():
+    class FakeGroup:
+        rank, world_size = 0, 3
+
+    with pytest.raises(ConfigError, match="use one of 1, 2, 4"):
+        WanDiT(TINY)(torch.zeros(1, 8, 1, 2, 2), torch.tensor([1.0]), torch.zeros(1, 1, 24), sp=FakeGroup())
+    assert valid_degrees(24) == [1, 2, 3, 4, 6, 8, 12, 24]
