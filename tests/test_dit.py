@@ -216,3 +216,29 @@ def test_sequence_parallel_degree_must_divide_the_heads():
     with pytest.raises(ConfigError, match="use one of 1, 2, 4"):
         WanDiT(TINY)(torch.zeros(1, 8, 1, 2, 2), torch.tensor([1.0]), torch.zeros(1, 1, 24), sp=FakeGroup())
     assert valid_degrees(24) == [1, 2, 3, 4, 6, 8, 12, 24]
+
+
+def test_no_float64_or_per_token_modulation_tensor_of_sequence_length(generator):
+    """Lean memory: float64 only on per-sample values, and no [B, L, 6, dim] modulation copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    grid = (5, 8, 8)
+    tokens = 5 * 4 * 4
+    big_float64, per_token_modulation = [], []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    if t.dtype == torch.float64 and t.numel() >= tokens:
+                        big_float64.append((func, tuple(t.shape)))
+                    if t.dim() == 4 and t.shape[1] == tokens and t.shape[2] == 6:
+                        per_token_modulation.append((func, tuple(t.shape)))
+            return out
+
+    model = randomised(WanHRDiT(TINY))
+    x, context, anchor = tiny_inputs(generator, grid=grid)
+    with torch.no_grad(), Recorder():
+        model(x, torch.tensor([999.0]), context, dt=torch.tensor([56.0]), anchor=anchor)
+    assert big_float64 == [] and per_token_modulation == []

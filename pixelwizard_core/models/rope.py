@@ -26,23 +26,22 @@ def _axis_angles(positions: torch.Tensor, pairs: int) -> torch.Tensor:
 
 
 def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [L, head_dim/2] float32 for the tokens of a (frames, height, width) grid, F-H-W order."""
-    f, h, w = grid
+    """cos and sin [L, head_dim/2] float32 for the tokens of a (frames, height, width) grid, F-H-W order.
+
+    cos/sin are taken per axis in float64 (at most 1024 rows) and only then broadcast over the grid,
+    so nothing of sequence length is ever float64.
+    """
     if max(grid) > MAX_POSITIONS:
         raise ValueError(f"token grid {grid} exceeds the {MAX_POSITIONS} RoPE positions of the Wan DiT")
-    pf, ph, pw = axis_pairs(head_dim)
-    angle_f = _axis_angles(torch.arange(f, device=device), pf)
-    angle_h = _axis_angles(torch.arange(h, device=device), ph)
-    angle_w = _axis_angles(torch.arange(w, device=device), pw)
-    angles = torch.cat(
-        [
-            angle_f[:, None, None].expand(f, h, w, pf),
-            angle_h[None, :, None].expand(f, h, w, ph),
-            angle_w[None, None, :].expand(f, h, w, pw),
-        ],
-        dim=-1,
-    ).reshape(f * h * w, pf + ph + pw)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    f, h, w = grid
+    axes = [_axis_angles(torch.arange(n, device=device), pairs) for n, pairs in zip(grid, axis_pairs(head_dim))]
+    views = ((f, 1, 1, -1), (1, h, 1, -1), (1, 1, w, -1))
+
+    def over_grid(fn) -> torch.Tensor:
+        parts = [fn(angles).float().view(shape).expand(f, h, w, -1) for angles, shape in zip(axes, views)]
+        return torch.cat(parts, dim=-1).reshape(f * h * w, -1)
+
+    return over_grid(torch.cos), over_grid(torch.sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
