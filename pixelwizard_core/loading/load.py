@@ -13,7 +13,6 @@ place, on the device the parameters now live on. Any tensor still on the meta de
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections import Counter
@@ -24,6 +23,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, MissingFileError, WeightFormatError
+from ..models.dit import DiTConfig, WanDiT
+from ..models.hr import WanHRDiT
+from ..models.t5 import T5Config, UMT5Encoder
+from ..models.vae import VAEConfig, WanVAE
 from . import folders
 from .configs import derive_values, make_config, published_differences
 from .formats import KeyPlan, plan_keys, require_component, verify_keys
@@ -36,12 +39,12 @@ PathLike = str | Path
 DTypeLike = torch.dtype | str | None
 Progress = Callable[[int, int], None]
 
-# component -> (config class, model class), imported only when a model is built
-MODEL_CLASSES: dict[str, tuple[str, str]] = {
-    "dit": ("pixelwizard_core.models.dit:DiTConfig", "pixelwizard_core.models.dit:WanDiT"),
-    "hr_dit": ("pixelwizard_core.models.dit:DiTConfig", "pixelwizard_core.models.hr:WanHRDiT"),
-    "vae": ("pixelwizard_core.models.vae:VAEConfig", "pixelwizard_core.models.vae:WanVAE"),
-    "t5": ("pixelwizard_core.models.t5:T5Config", "pixelwizard_core.models.t5:UMT5Encoder"),
+# component -> (config class, model class)
+MODEL_CLASSES: dict[str, tuple[type, type[nn.Module]]] = {
+    "dit": (DiTConfig, WanDiT),
+    "hr_dit": (DiTConfig, WanHRDiT),
+    "vae": (VAEConfig, WanVAE),
+    "t5": (T5Config, UMT5Encoder),
 }
 _DTYPE_NAMES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -203,14 +206,9 @@ def choose_section(ckpt: PickleCheckpoint, *, prefer_ema: bool) -> str:
 
 # ---------------------------------------------------------------------------------------------- core
 
-def model_classes(component: str) -> tuple[type, type]:
-    """(config class, model class) of a component, imported on first use."""
-    return tuple(_import(spec) for spec in MODEL_CLASSES[component])  # type: ignore[return-value]
-
-
-def _import(spec: str) -> type:
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
+def model_classes(component: str) -> tuple[type, type[nn.Module]]:
+    """(config class, model class) of a component."""
+    return MODEL_CLASSES[component]
 
 
 def plan_for(source: TensorSource, component: str) -> KeyPlan:
