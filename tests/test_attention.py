@@ -68,3 +68,16 @@ def test_rope_split_and_rotation_match_complex128_arithmetic(generator):
 def test_rope_refuses_grids_beyond_its_positions():
     with pytest.raises(ValueError, match="1024 RoPE positions"):
         rope_cos_sin((1, 1025, 2), 16)
+
+
+def test_the_dit_refuses_an_impossible_backend_when_it_is_set():
+    from pixelwizard_core.models.dit import DiTConfig, WanDiT
+
+    model = WanDiT(DiTConfig.tiny())
+    model.set_attention_backend("sdpa")
+    assert model.attn_backend == "sdpa"
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        model.set_attention_backend("flash")
+    with pytest.raises(ConfigError, match="unknown attention backend"):
+        model.set_attention_backend("fast")
+    assert model.attn_backend == "sdpa"

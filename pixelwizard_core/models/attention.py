@@ -41,6 +41,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn "auto" into the backend that will run on ``device``; refuse impossible choices early."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown attention backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if device.type == "meta":  # weights not placed yet: only the name can be checked
+        return backend
     if backend == "auto":
         return "flash" if device.type == "cuda" and flash_available() else "sdpa"
     if backend == "flash" and not (device.type == "cuda" and flash_available()):

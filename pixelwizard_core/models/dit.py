@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .attention import attention
+from .attention import attention, resolve_backend
 from .layers import Conv3d, FP32Linear, LayerNorm, Linear, RMSNorm, mlp, sinusoidal_embedding
 from .parallel import SequenceParallel, check_degree, shard_tokens
 from .rope import apply_rope, rope_cos_sin
@@ -150,6 +150,13 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), FP32Linear(config.dim, 6 * config.dim))
         self.blocks = nn.ModuleList(AttentionBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Force "sdpa" or "flash", or let "auto" pick flash-attn on CUDA when installed.
+
+        Checked now against the device the weights are on, so a wrong choice fails before sampling."""
+        resolve_backend(backend, self.patch_embedding.weight.device)
+        self.attn_backend = backend
 
     # --- embeddings -------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
