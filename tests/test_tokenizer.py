@@ -1,20 +1,20 @@
-"""umT5 tokenizer: cleaning, both backends on one SentencePiece model trained here, truncation and
-padding, missing files, and prompt -> context end to end through a Comfy-style safetensors file."""
+"""umT5 tokenizer: cleaning, both backends on one small SentencePiece model (tests/spm_support.py),
+truncation and padding, missing files, and prompt -> context end to end through a Comfy-style
+safetensors file read by load_t5 / load_t5_tokenizer (fp16-like and fp8 scaled)."""
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import manifest
 from safetensors.torch import save_file
+from spm_support import train_umt5_like_spm, write_umt5_tokenizer_json
 
 from pixelwizard_core.errors import MissingFileError, WeightFormatError
+from pixelwizard_core.loading import load_t5, load_t5_tokenizer
 from pixelwizard_core.loading.tokenizer import UMT5Tokenizer, clean_text
 from pixelwizard_core.models.t5 import T5Config, UMT5Encoder, context_for_dit
 
@@ -42,45 +42,10 @@ def test_clean_text(raw: str, expected: str) -> None:
     assert clean_text(raw) == expected
 
 
-# ----- a small umT5-like SentencePiece model --------------------------------------------------------
+# ----- a small umT5-like SentencePiece model (tests/spm_support.py) ----------------------------------
 @pytest.fixture(scope="module")
 def spiece(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import sentencepiece as spm
-
-    folder = tmp_path_factory.mktemp("spm")
-    rng = random.Random(0)
-    syllables = "ka ri to ne su mo la vi de an el or us im pa qu ex th sh ch ing ion er st".split()
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(600)]
-    words += "café naïve 東京 夜 雨 Москва the quick brown fox".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
-    (folder / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=300,
-        model_type="unigram", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="</s>",
-        bos_piece="<s>", unk_piece="<unk>", normalization_rule_name="identity", character_coverage=1.0,
-        minloglevel=2, num_threads=1)
-    return folder / "spiece.model"
-
-
-def write_tokenizer_json(spiece: Path, out: Path) -> Path:
-    """Convert the SentencePiece model to a tokenizer.json laid out like the published umT5 one.
-
-    Done with the `tokenizers` package only (transformers' converter needs protobuf): Unigram with the
-    pieces and scores, unk id 3, a normalizer collapsing runs of spaces, Metaspace, template "$A </s>".
-    """
-    import sentencepiece as spm
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    sp = spm.SentencePieceProcessor(model_file=str(spiece))
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=False))
-    tok.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "</s>", "<unk>")])
-    tok.save(str(out))
-    return out
+    return train_umt5_like_spm(tmp_path_factory.mktemp("spm"))
 
 
 # ----- backends ---------------------------------------------------------------------------------------
@@ -88,7 +53,7 @@ def test_backends_give_the_same_ids(spiece: Path, tmp_path: Path) -> None:
     by_file = UMT5Tokenizer.from_spiece_file(spiece, max_length=64)
     by_bytes = UMT5Tokenizer.from_spiece_bytes(spiece.read_bytes(), max_length=64)
     by_tensor = UMT5Tokenizer.from_spiece_bytes(torch.frombuffer(bytearray(spiece.read_bytes()), dtype=torch.uint8), 64)
-    by_json = UMT5Tokenizer.from_tokenizer_json(write_tokenizer_json(spiece, tmp_path / "tokenizer.json"), 64)
+    by_json = UMT5Tokenizer.from_tokenizer_json(write_umt5_tokenizer_json(spiece, tmp_path / "tokenizer.json"), 64)
     ids, mask = by_file(PROMPTS)
     pieces = by_file.encode(PROMPTS)
     assert any(3 in p for p in pieces)  # unknown characters are exercised
@@ -112,7 +77,7 @@ def test_padding_and_eos(spiece: Path) -> None:
 
 def test_truncation_keeps_eos_like_hf(spiece: Path, tmp_path: Path) -> None:
     long_prompt = "kari tone mo la vi de an el " * 40
-    json_tok = UMT5Tokenizer.from_tokenizer_json(write_tokenizer_json(spiece, tmp_path / "tokenizer.json"), 16)
+    json_tok = UMT5Tokenizer.from_tokenizer_json(write_umt5_tokenizer_json(spiece, tmp_path / "tokenizer.json"), 16)
     for tok in (UMT5Tokenizer.from_spiece_file(spiece, max_length=16), json_tok):
         full = tok.encode([long_prompt])[0]
         assert len(full) > 16
@@ -143,7 +108,7 @@ def test_folder_lookup_and_preference(spiece: Path, tmp_path: Path) -> None:
     sub.mkdir(parents=True)
     (sub / "spiece.model").write_bytes(spiece.read_bytes())
     assert UMT5Tokenizer.from_folder(tmp_path / "Wan2.2-TI2V-5B").source.endswith("spiece.model")
-    write_tokenizer_json(spiece, sub / "tokenizer.json")
+    write_umt5_tokenizer_json(spiece, sub / "tokenizer.json")
     tok = UMT5Tokenizer.from_folder(sub)
     assert tok.source.endswith("tokenizer.json")  # the file the official AutoTokenizer reads
 
@@ -174,59 +139,110 @@ def test_corrupt_or_foreign_models_are_refused(spiece: Path) -> None:
         UMT5Tokenizer.from_spiece_bytes(torch.zeros(4, dtype=torch.float32))
 
 
-# ----- end to end: Comfy-style file -> tokenizer + tiny encoder -> DiT context -------------------------
-def hf_to_official(key: str) -> str:
-    """Hugging Face / Comfy umT5 name -> official name (local stand-in for the loader's mapping)."""
-    if key == "shared.weight":
-        return "token_embedding.weight"
-    if key == "encoder.final_layer_norm.weight":
-        return "norm.weight"
-    m = re.fullmatch(r"encoder\.block\.(\d+)\.layer\.(\d)\.(.+)", key)
-    assert m, key
-    n, layer, rest = m.groups()
-    table = {
-        "layer_norm.weight": "norm1.weight" if layer == "0" else "norm2.weight",
-        "SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
-        "DenseReluDense.wi_0.weight": "ffn.gate.0.weight",
-        "DenseReluDense.wi_1.weight": "ffn.fc1.weight",
-        "DenseReluDense.wo.weight": "ffn.fc2.weight",
-    }
-    if rest.startswith("SelfAttention.") and rest != "SelfAttention.relative_attention_bias.weight":
-        return f"blocks.{n}.attn.{rest.split('.')[1]}.weight"
-    return f"blocks.{n}.{table[rest]}"
+# ----- end to end: Comfy-style file -> loader -> tokenizer + tiny encoder -> DiT context ---------------
+PROMPT = "A neon street at night, rain, the camera slowly moves forward"
+LINEAR_WEIGHTS = (".q.weight", ".k.weight", ".v.weight", ".o.weight", ".wi_0.weight", ".wi_1.weight", ".wo.weight")
+
+
+def tiny_umt5_weights(cfg: T5Config) -> dict[str, torch.Tensor]:
+    """Seeded weights in the official names, scaled as T5 initialises them.
+
+    Matrices get std 1/sqrt(fan_in), q also 1/sqrt(head width) because T5 attention does not divide the
+    logits by it: with O(1) logits the softmax is not saturated, which would amplify any weight error
+    several fold. Norm weights near 1, not equal to it, so they matter.
+    """
+    gen = torch.Generator().manual_seed(0)
+    head = cfg.dim_attn // cfg.num_heads
+    weights = {}
+    for name, p in UMT5Encoder(cfg).state_dict().items():
+        noise = torch.randn(p.shape, generator=gen)
+        if p.ndim == 1:
+            weights[name] = 1.0 + 0.2 * noise
+        elif name == "token_embedding.weight" or "pos_embedding" in name:
+            weights[name] = noise
+        else:
+            weights[name] = noise / (p.shape[1] * (head if ".attn.q." in name else 1)) ** 0.5
+    return weights
+
+
+def write_comfy_umt5(path: Path, weights: dict[str, torch.Tensor], spiece: Path,
+                     fp8: bool = False) -> dict[str, torch.Tensor]:
+    """Write a Comfy-Org style text encoder file: Hugging Face key names, the tokenizer as ``spiece_model``.
+
+    ``fp8``: the Linear weights as float8_e4m3fn times a per-tensor ``scale_weight`` (amax / 448, the
+    largest finite e4m3fn value) plus the ``scaled_fp8`` marker, as in umt5_xxl_fp8_e4m3fn_scaled.
+    Returns the weights the file holds, dequantised (fp8 x scale), in the official names.
+    """
+    hf_of = {k: v["hf_name"] for k, v in manifest("umt5_xxl_encoder")["keys"].items()}
+    tensors = {"spiece_model": torch.frombuffer(bytearray(spiece.read_bytes()), dtype=torch.uint8)}
+    held = dict(weights)
+    for name, value in weights.items():
+        key = hf_of[name]
+        tensors[key] = value
+        if fp8 and key.endswith(LINEAR_WEIGHTS):
+            scale = value.abs().max() / 448.0
+            tensors[key] = (value / scale).to(torch.float8_e4m3fn)
+            tensors[key.removesuffix("weight") + "scale_weight"] = scale
+            held[name] = tensors[key].float() * scale
+    if fp8:
+        tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(tensors, str(path))
+    return held
+
+
+def direct_encoder(cfg: T5Config, weights: dict[str, torch.Tensor]) -> UMT5Encoder:
+    model = UMT5Encoder(cfg).eval()
+    model.load_state_dict(weights, strict=True)
+    return model
 
 
 def test_prompt_to_context_through_comfy_style_file(spiece: Path, tmp_path: Path) -> None:
     cfg = T5Config.tiny()
-    manifest = json.loads((Path(__file__).parent / "manifests" / "umt5_xxl_encoder.json").read_text())
-    to_hf = {k: v["hf_name"] for k, v in manifest["keys"].items()}
-    source = UMT5Encoder(cfg)
-    gen = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, p in source.state_dict().items():
-        tensors[to_hf[name]] = torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if p.ndim == 1 else 0.0)
-    tensors["spiece_model"] = torch.frombuffer(bytearray(spiece.read_bytes()), dtype=torch.uint8)
+    weights = tiny_umt5_weights(cfg)
     path = tmp_path / "umt5_tiny.safetensors"
-    save_file(tensors, str(path))
-
-    with safe_open(str(path), framework="pt") as f:
-        weights = {hf_to_official(k): f.get_tensor(k) for k in f.keys() if k != "spiece_model"}
-        tokenizer = UMT5Tokenizer.from_spiece_bytes(f.get_tensor("spiece_model"))
+    write_comfy_umt5(path, weights, spiece)
+    tokenizer = load_t5_tokenizer(path)
+    model = load_t5(path)
+    assert isinstance(model, UMT5Encoder) and model.cfg == cfg
     assert tokenizer.vocab_size <= cfg.vocab
-    model = UMT5Encoder(cfg).eval()
-    model.load_state_dict(weights, strict=True)
 
-    prompt = "A neon street at night, rain, the camera slowly moves forward"
-    ids, mask = tokenizer([prompt])
-    n = len(tokenizer.encode([prompt])[0]) + 1
+    ids, mask = tokenizer([PROMPT])
+    n = len(tokenizer.encode([PROMPT])[0]) + 1
     assert ids[0, n - 1] == 1 and not ids[0, n:].any()
     assert int(mask.sum()) == n
     with torch.no_grad():
-        context = context_for_dit(model(ids, mask), mask, cfg.text_len)
+        hidden = model(ids, mask)
+        assert torch.equal(hidden, direct_encoder(cfg, weights)(ids, mask))  # every key renamed right
+    context = context_for_dit(hidden, mask, cfg.text_len)
     assert context.shape == (1, 512, cfg.dim)
     assert bool(context[0, :n].abs().sum(-1).gt(0).all()) and not context[0, n:].any()
     # Same file through the helper that reads only the tokenizer tensor.
-    assert torch.equal(UMT5Tokenizer.from_text_encoder_file(path)([prompt])[0], ids)
+    assert torch.equal(UMT5Tokenizer.from_text_encoder_file(path)([PROMPT])[0], ids)
+
+
+def test_fp8_scaled_comfy_file_encodes_close_to_unquantised(spiece: Path, tmp_path: Path) -> None:
+    cfg = T5Config.tiny()
+    weights = tiny_umt5_weights(cfg)
+    path = tmp_path / "umt5_tiny_fp8_scaled.safetensors"
+    held = write_comfy_umt5(path, weights, spiece, fp8=True)
+    ids, mask = load_t5_tokenizer(path)([PROMPT])
+    n = int(mask.sum())
+    with torch.no_grad():
+        unquantised = direct_encoder(cfg, weights)(ids, mask)
+        hidden = load_t5(path, dtype=torch.float32)(ids, mask)
+        assert torch.equal(hidden, direct_encoder(cfg, held)(ids, mask))  # exactly fp8 x scale, no other loss
+        default = load_t5(path)(ids, mask)  # fp8 files load as bf16 unless told otherwise
+    assert default.dtype == torch.bfloat16
+    # e4m3fn rounding leaves each weight ~2.6% off (RMS, 3 mantissa bits); a block adds the errors of up
+    # to three quantised matrices, so the output is ~5% off (Frobenius): 4.9% here, 3.9-5.9% over 8 seeds
+    # x 3 prompts, fp32 or bf16. Bounds: above 2% (bf16 rounding alone gives 0.8-1.0%), so the weights
+    # really went through fp8; below 8%, while one matrix at twice its scale gives 30-44%.
+    want = unquantised[0, :n]
+    for got in (hidden, default.float()):
+        err = float((got[0, :n] - want).norm() / want.norm())
+        assert 0.02 < err < 0.08, err
+    context = context_for_dit(hidden, mask, cfg.text_len)
+    assert context.shape == (1, 512, cfg.dim) and not context[0, n:].any()
 
 
 # ----- the real umT5 tokenizer, when a user or CI points at one (never downloaded) ------------------------

@@ -39,8 +39,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))  # spm_support: the small SentencePiece model the tests train too
 
 from official import official_module, relative_error  # noqa: E402
+from spm_support import train_umt5_like_spm, write_umt5_tokenizer_json  # noqa: E402
 
 from pixelwizard_core.loading.tokenizer import UMT5Tokenizer, clean_text  # noqa: E402
 from pixelwizard_core.models.t5 import T5Config, UMT5Encoder, bucket_of_distance, trim_context  # noqa: E402
@@ -166,42 +168,6 @@ def check_cleaning(tok_mod) -> None:
     assert bad == 0
 
 
-def train_spm(folder: Path) -> Path:
-    import random
-
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    syl = "ka ri to ne su mo la vi de an el or us im pa qu ex th sh ch ing ion er st".split()
-    words = ["".join(rng.choice(syl) for _ in range(rng.randint(1, 4))) for _ in range(600)]
-    words += "café naïve 東京 夜 雨 Москва улица über the quick brown fox".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
-    (folder / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=300,
-        model_type="unigram", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="</s>",
-        bos_piece="<s>", unk_piece="<unk>", normalization_rule_name="identity", character_coverage=1.0,
-        minloglevel=2, num_threads=1)
-    return folder / "spiece.model"
-
-
-def umt5_style_tokenizer_json(spiece: Path, out: Path) -> None:
-    """tokenizer.json with the structure of the published umT5 one, built from a SentencePiece model."""
-    import sentencepiece as spm
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    sp = spm.SentencePieceProcessor(model_file=str(spiece))
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=False))
-    tok.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "</s>", "<unk>")])
-    tok.save(str(out))
-
-
 def official_tokenizer(tok_mod, folder: Path, cls_name: str, max_length: int):
     """The official HuggingfaceTokenizer on ``folder``, with AutoTokenizer resolving to ``cls_name``."""
     config = {"tokenizer_class": cls_name, "extra_ids": 0, "eos_token": "</s>", "pad_token": "<pad>",
@@ -230,8 +196,8 @@ def check_tokenizer(tok_mod) -> None:
     # transformers 4.x the official code pins; "T5Tokenizer" shows what transformers 5.x does.
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        spiece = train_spm(folder)
-        umt5_style_tokenizer_json(spiece, folder / "tokenizer.json")
+        spiece = train_umt5_like_spm(folder)
+        write_umt5_tokenizer_json(spiece, folder / "tokenizer.json")
         for max_length in (12, 512):
             ours = {"tokenizer.json": UMT5Tokenizer.from_tokenizer_json(folder / "tokenizer.json", max_length),
                     "spiece.model": UMT5Tokenizer.from_spiece_file(spiece, max_length)}
