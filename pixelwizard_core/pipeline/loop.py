@@ -1,0 +1,63 @@
+"""The denoising loop shared by both stages: noise, schedule, guided velocity, solver steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..sampling import Schedule, classifier_free_guidance, make_solver
+
+# (step done, total steps); raising from it stops the loop (interrupt)
+StepCallback = Callable[[int, int], None]
+# (latent batch [B, ...], context batch [B, rows, dim], step index) -> velocity [B, ...]
+ModelCall = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def make_noise(shape: tuple[int, ...], seed: int, device: torch.device | str) -> torch.Tensor:
+    """Standard normal float32 noise [1, *shape] from a generator of its own on ``device``, one draw."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn((1, *shape), generator=generator, device=device, dtype=torch.float32)
+
+
+def guided_velocity(
+    call: ModelCall,
+    x: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    index: int,
+    cfg: float,
+    batch_cfg: bool,
+) -> torch.Tensor:
+    """Classifier-free guided velocity; cfg 1 skips the unconditional pass."""
+    if cfg == 1.0:
+        return call(x, positive, index)
+    if batch_cfg:
+        cond, uncond = call(torch.cat([x, x]), torch.cat([positive, negative]), index).chunk(2)
+    else:
+        cond, uncond = call(x, positive, index), call(x, negative, index)
+    return classifier_free_guidance(cond, uncond, cfg)
+
+
+@torch.no_grad()
+def denoise(
+    call: ModelCall,
+    noise: torch.Tensor,
+    schedule: Schedule,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    cfg: float,
+    solver: str,
+    batch_cfg: bool = False,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Integrate the flow from ``noise`` along ``schedule``; returns the clean latent (float32)."""
+    stepper = make_solver(solver, schedule)
+    x = noise
+    for index in range(schedule.steps):
+        velocity = guided_velocity(call, x, positive, negative, index, cfg, batch_cfg)
+        x = stepper.step(index, velocity, x)
+        if on_step is not None:
+            on_step(index + 1, schedule.steps)
+    return x

@@ -1,0 +1,179 @@
+"""Which weight files a run uses, and the models loaded from them: lazily, once, moved where needed.
+
+``ModelFiles`` resolves every file before anything is loaded (so a missing file is reported at once);
+``Models`` loads each model on first use and, between uses, keeps it on the GPU, moves it to the CPU
+(offload) or drops it (reload), as the reference's ``--model_load_mode`` / ``--offload_model`` do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..loading import inspect_weights, load_dit, load_hr_dit, load_t5, load_t5_tokenizer, load_vae
+from ..loading.folders import resolve
+from .text import TextEncoder
+
+log = logging.getLogger("pixelwizard")
+
+LOAD_MODES = ("auto", "resident", "reload")
+ROLES = ("text", "lr", "hr", "vae")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The weight file of each role; ``lr`` is the PixelWizard LR checkpoint or the base DiT."""
+
+    text_encoder: Path | None = None
+    vae: Path | None = None
+    lr: Path | None = None
+    hr: Path | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        ckpt_dir: str | Path | None = None,
+        dit: str | Path | None = None,
+        text_encoder: str | Path | None = None,
+        vae: str | Path | None = None,
+        lr_ckpt: str | Path | None = None,
+        hr_ckpt: str | Path | None = None,
+    ) -> "ModelFiles":
+        """Files from an official Wan-AI folder and/or single files; a single file overrides the folder."""
+
+        def pick(explicit: str | Path | None, component: str) -> Path | None:
+            source = explicit or ckpt_dir
+            return None if source is None else resolve(source, component)
+
+        return cls(
+            text_encoder=pick(text_encoder, "t5"),
+            vae=pick(vae, "vae"),
+            lr=pick(lr_ckpt or dit, "dit"),
+            hr=None if hr_ckpt is None else resolve(hr_ckpt, "hr_dit"),
+        )
+
+    def require(self, *roles: str) -> None:
+        """Fail now, before any loading, when a role the run needs has no file."""
+        flags = {"text": "--ckpt_dir or --text_encoder", "vae": "--ckpt_dir or --vae_path",
+                 "lr": "--ckpt_dir, --dit or --lr_ckpt", "hr": "--hr_ckpt"}
+        missing = [role for role in roles if self.path(role) is None]
+        if missing:
+            raise ConfigError("no weights given for " + ", ".join(f"{r} (pass {flags[r]})" for r in missing))
+
+    def check_kinds(self, *roles: str) -> None:
+        """Read each file's keys (no tensor data) and refuse a file of the wrong kind for its role,
+        e.g. an HR checkpoint given as the LR model, before anything heavy happens."""
+        expected = {"text": "t5", "vae": "vae", "lr": "dit", "hr": "hr_dit"}
+        flags = {"text": "--text_encoder", "vae": "--vae_path", "lr": "--lr_ckpt/--dit", "hr": "--hr_ckpt"}
+        for role in roles:
+            info = inspect_weights(self.path(role), component=expected[role])
+            if info.component != expected[role]:
+                found = info.component or "not a recognised weight file"
+                raise ConfigError(
+                    f"{self.path(role)} was given as {flags[role]} but it is {found!r} "
+                    f"(expected {expected[role]!r}); {info.problem or 'pass the right file for that stage'}"
+                )
+            if info.problem:
+                raise ConfigError(f"{self.path(role)}: {info.problem}")
+
+    def path(self, role: str) -> Path | None:
+        return {"text": self.text_encoder, "vae": self.vae, "lr": self.lr, "hr": self.hr}[role]
+
+    def identity(self, role: str) -> str:
+        """A short identity of the file behind ``role`` for metadata: name and size."""
+        path = self.path(role)
+        if path is None:
+            return ""
+        size = sum(p.stat().st_size for p in path.parent.glob("*.safetensors")) if path.suffix == ".json" else path.stat().st_size
+        return f"{path.name}:{size}"
+
+
+class Models:
+    """Lazily loaded models of one run and their placement policy."""
+
+    def __init__(
+        self,
+        files: ModelFiles,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        vae_dtype: torch.dtype = torch.float32,
+        load_mode: str = "auto",
+        offload: bool | None = None,
+        t5_cpu: bool = False,
+        attention: str = "auto",
+    ) -> None:
+        if load_mode not in LOAD_MODES:
+            raise ConfigError(f"model load mode {load_mode!r}: choose one of {', '.join(LOAD_MODES)}")
+        self.files = files
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae_dtype = vae_dtype
+        self.load_mode = "resident" if load_mode == "auto" else load_mode
+        self.offload = self.device.type == "cuda" if offload is None else offload
+        self.t5_cpu = t5_cpu
+        self.attention = attention
+        self._loaded: dict[str, object] = {}
+
+    def _home(self, role: str) -> torch.device:
+        """Where a model waits between uses."""
+        if role == "text" and self.t5_cpu:
+            return torch.device("cpu")
+        return torch.device("cpu") if self.offload else self.device
+
+    def _work_device(self, role: str) -> torch.device:
+        return torch.device("cpu") if role == "text" and self.t5_cpu else self.device
+
+    def _load(self, role: str) -> object:
+        path, device = self.files.path(role), self._home(role)
+        log.info("loading %s from %s", role, path)
+        if role == "text":
+            return TextEncoder(load_t5(path, dtype=self.dtype, device=device), load_t5_tokenizer(path))
+        if role == "vae":
+            return load_vae(path, dtype=self.vae_dtype, device=device)
+        model = (load_hr_dit if role == "hr" else load_dit)(path, dtype=self.dtype, device=device)
+        model.set_attention_backend(self.attention)
+        return model
+
+    @staticmethod
+    def _module(model: object) -> torch.nn.Module:
+        return model.encoder if isinstance(model, TextEncoder) else model
+
+    @contextlib.contextmanager
+    def use(self, role: str) -> Iterator[object]:
+        """The model of ``role`` on its working device for the duration of the block."""
+        if role not in ROLES:
+            raise ConfigError(f"unknown model role {role!r}")
+        self.files.require(role)
+        if role not in self._loaded:
+            self._loaded[role] = self._load(role)
+        model = self._loaded[role]
+        self._module(model).to(self._work_device(role))
+        try:
+            yield model
+        finally:
+            if self.load_mode == "reload":
+                self.release(role)
+            else:
+                self._module(model).to(self._home(role))
+                _empty_cache(self.device)
+
+    def release(self, role: str | None = None) -> None:
+        """Drop one model (or all) so its memory is freed."""
+        for name in [role] if role else list(self._loaded):
+            self._loaded.pop(name, None)
+        gc.collect()
+        _empty_cache(self.device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,96 @@
+"""The two PixelWizard stages: the LR anchor (50 steps at 448x256) and the HR shortcut stage (4 steps)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models.dit import WanDiT
+from ..models.hr import WanHRDiT
+from ..sampling import flow_schedule
+from .anchors import Anchor
+from .loop import StepCallback, denoise, make_noise
+from .presets import LATENT_CHANNELS, StageSettings, check_stage, latent_frames
+from .text import TextConditioning
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return model.patch_embedding.weight.device
+
+
+def lr_anchor(
+    dit: WanDiT,
+    text: TextConditioning,
+    settings: StageSettings,
+    seed: int,
+    *,
+    model_id: str = "",
+    batch_cfg: bool = True,
+    on_step: StepCallback | None = None,
+) -> Anchor:
+    """Sample the low-resolution anchor with the base DiT or the PixelWizard LR model."""
+    check_stage(settings, hr=False)
+    device = _device(dit)
+    schedule = flow_schedule(settings.steps, settings.shift)
+    timesteps = schedule.timesteps.to(device=device, dtype=torch.float32)
+
+    def call(x: torch.Tensor, context: torch.Tensor, index: int) -> torch.Tensor:
+        return dit(x, timesteps[index].expand(x.shape[0]), context)
+
+    text = text.to(device)
+    latent = denoise(call, make_noise(settings.latent_shape, seed, device), schedule, text.positive, text.negative,
+                     cfg=settings.cfg, solver=settings.solver, batch_cfg=batch_cfg, on_step=on_step)
+    return Anchor(latent=latent.cpu(), prompt=text.prompt, negative_prompt=text.negative_prompt, seed=seed,
+                  width=settings.width, height=settings.height, frames=settings.frames, steps=settings.steps,
+                  shift=settings.shift, cfg=settings.cfg, solver=settings.solver, model=model_id)
+
+
+def resize_anchor(latent: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Bilinear resize of each anchor frame to the HR token grid (H/32, W/32), as the reference does."""
+    batch, channels, frames, h, w = latent.shape
+    per_frame = latent.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, h, w).float()
+    resized = F.interpolate(per_frame, size=(height // 32, width // 32), mode="bilinear", align_corners=False)
+    return resized.reshape(batch, frames, channels, height // 32, width // 32).permute(0, 2, 1, 3, 4)
+
+
+def check_anchor_fits(anchor_latent: torch.Tensor, settings: StageSettings) -> None:
+    """The anchor must be a 48-channel latent with as many latent frames as the HR video."""
+    if anchor_latent.dim() != 5 or anchor_latent.shape[:2] != (1, LATENT_CHANNELS):
+        raise ConfigError(f"anchor latent has shape {tuple(anchor_latent.shape)}; expected [1, 48, T, h, w]")
+    if anchor_latent.shape[2] != latent_frames(settings.frames):
+        raise ConfigError(
+            f"anchor has {anchor_latent.shape[2]} latent frames ({4 * (anchor_latent.shape[2] - 1) + 1} video frames) "
+            f"but the HR stage was asked for {settings.frames} frames; the HR frame count follows the anchor"
+        )
+
+
+def hr_latent(
+    model: WanHRDiT,
+    anchor_latent: torch.Tensor,
+    text: TextConditioning,
+    settings: StageSettings,
+    seed: int,
+    *,
+    batch_cfg: bool = False,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Sample the HR latent [1, 48, T, H/16, W/16] from pure noise, guided by the anchor in both CFG branches."""
+    check_stage(settings, hr=True)
+    check_anchor_fits(anchor_latent, settings)
+    if not isinstance(model, WanHRDiT):
+        raise ConfigError("the HR stage needs the PixelWizard HR model (2k/model.pt or 4k/model.pt), not a base DiT")
+    device = _device(model)
+    schedule = flow_schedule(settings.steps, settings.shift)
+    timesteps = schedule.timesteps.to(device=device, dtype=torch.float32)
+    step_sizes = schedule.step_sizes.to(device=device, dtype=torch.float32)
+    anchor = resize_anchor(anchor_latent.to(device), settings.width, settings.height)
+
+    def call(x: torch.Tensor, context: torch.Tensor, index: int) -> torch.Tensor:
+        batch = x.shape[0]
+        return model(x, timesteps[index].expand(batch), context, dt=step_sizes[index].expand(batch),
+                     anchor=anchor.expand(batch, -1, -1, -1, -1))
+
+    text = text.to(device)
+    return denoise(call, make_noise(settings.latent_shape, seed, device), schedule, text.positive, text.negative,
+                   cfg=settings.cfg, solver=settings.solver, batch_cfg=batch_cfg, on_step=on_step).cpu()

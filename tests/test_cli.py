@@ -1,0 +1,112 @@
+"""The command line end to end on tiny random models in each published layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spm_support import train_umt5_like_spm
+from tiny_models import state_dicts, write_comfy, write_official, write_pixelwizard
+
+from pixelwizard_core.cli import main
+from pixelwizard_core.io.video import read_video
+from pixelwizard_core.pipeline.anchors import Anchor, load_hr_latent
+
+# small but complete: 5 frames (2 latent frames), 128x64 anchor, 256x128 HR video, 2 decode tiles
+DEVICE = ["--device", "cpu", "--dtype", "fp32"]
+LR = ["--lr_size", "128*64", "--frame_num", "5", "--lr_steps", "3"]
+HR = ["--resolution", "256x128", "--hr_steps", "2"]
+DECODE = ["--num_patches", "2", "--overlap", "1"]
+FAST = DEVICE + LR + HR + DECODE
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    states = state_dicts()
+    spm_dir = root / "spm"
+    spm_dir.mkdir()
+    spiece = train_umt5_like_spm(spm_dir)
+    return {"official": write_official(root / "Wan2.2-TI2V-5B", states, spiece),
+            "comfy": write_comfy(root / "comfy", states, spiece),
+            "pw": write_pixelwizard(root / "PixelWizard", states)}
+
+
+def official_args(weights) -> list[str]:
+    return ["--ckpt_dir", str(weights["official"]), "--lr_ckpt", str(weights["pw"]["lr"]),
+            "--hr_ckpt", str(weights["pw"]["hr"])]
+
+
+def comfy_args(weights) -> list[str]:
+    c = weights["comfy"]
+    return ["--dit", str(c["dit"]), "--text_encoder", str(c["t5"]), "--vae_path", str(c["vae"]),
+            "--hr_ckpt", str(weights["pw"]["hr"])]
+
+
+@pytest.mark.parametrize("layout", ["official", "comfy"])
+def test_generate_writes_a_video_of_the_right_size(weights, tmp_path, layout):
+    args = official_args(weights) if layout == "official" else comfy_args(weights)
+    code = main(["generate", *args, *FAST, "--prompt", "a red fox in snow", "--video_dir", str(tmp_path / "v")])
+    assert code == 0
+    video = read_video(tmp_path / "v" / "0.mp4")
+    assert tuple(video.shape) == (5, 128, 256, 3)
+    assert video.float().std() > 0  # not a blank frame
+    assert not list((tmp_path / "v").glob(".*partial"))
+
+
+def test_stages_apart_equal_generate_in_one_go(weights, tmp_path):
+    models = [*official_args(weights), *DEVICE]
+    assert main(["generate", *models, *LR, *HR, *DECODE, "--prompt", "a boat", "--base_seed", "7",
+                 "--video_dir", str(tmp_path / "one"), "--save_dir", str(tmp_path / "one_latents")]) == 0
+    assert main(["anchor", *models, *LR, "--prompt", "a boat", "--base_seed", "7",
+                 "--anchor_dir", str(tmp_path / "anchors")]) == 0
+    anchor = Anchor.load(tmp_path / "anchors" / "0.safetensors")
+    assert (anchor.prompt, anchor.seed, anchor.frames, anchor.width) == ("a boat", 107, 5, 128)
+    assert main(["upscale", *models, *HR, str(tmp_path / "anchors" / "0.safetensors"), "--latent_only",
+                 "--save_dir", str(tmp_path / "latents")]) == 0
+    apart, meta = load_hr_latent(tmp_path / "latents" / "0.safetensors")
+    together, _ = load_hr_latent(tmp_path / "one_latents" / "0.safetensors")
+    assert meta["seed"] == 10007 and torch.equal(apart, together)
+    assert main(["decode", *models, *DECODE, str(tmp_path / "latents" / "0.safetensors"),
+                 "--video_dir", str(tmp_path / "two")]) == 0
+    assert torch.equal(read_video(tmp_path / "two" / "0.mp4"), read_video(tmp_path / "one" / "0.mp4"))
+
+
+def test_outputs_are_not_overwritten_unless_asked(weights, tmp_path):
+    args = ["generate", *official_args(weights), *FAST, "--prompt", "x", "--video_dir", str(tmp_path)]
+    assert main(args) == 0 and main(args) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["0.mp4", "0_1.mp4"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--frame_num": "6"}, "4k\\+1"),
+        ({"--resolution": "250x128"}, "multiple of 32"),
+        ({"--hr_steps": "9"}, "outside 2..8"),
+        ({"--lr_ckpt": "HR"}, "given as --lr_ckpt/--dit but it is 'hr_dit'"),
+        ({"--hr_ckpt": "LR"}, "given as --hr_ckpt but it is 'dit'"),
+        ({"--vae_path": "/nonexistent/vae.pth"}, "does not exist"),
+        ({"--video_dir": "/proc/no_such_place"}, "cannot create output folder"),
+    ],
+)
+def test_bad_input_fails_before_any_model_is_loaded(weights, tmp_path, caplog, monkeypatch, change, message):
+    import pixelwizard_core.pipeline.models as models
+
+    monkeypatch.setattr(models.Models, "_load", lambda self, role: pytest.fail(f"loaded {role} despite bad input"))
+    args = {"--video_dir": str(tmp_path), "--prompt": "x"}
+    args.update({k: {"HR": str(weights["pw"]["hr"]), "LR": str(weights["pw"]["lr"])}.get(v, v) for k, v in change.items()})
+    argv = ["generate", *official_args(weights), *FAST]
+    for flag, value in args.items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    assert main(argv) == 2
+    assert any(__import__("re").search(message, r.getMessage()) for r in caplog.records), caplog.text
+
+
+def test_empty_prompt_file_is_refused(weights, tmp_path, caplog):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n\n")
+    assert main(["generate", *official_args(weights), *FAST, "--prompt_file", str(empty)]) == 2
+    assert "no prompts" in caplog.text
