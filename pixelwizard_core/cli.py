@@ -92,6 +92,7 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
                    help="frame: stream frames to the mp4 (little host memory); tile: one tile at a time "
                         "into a host canvas (least GPU memory, as the reference)")
     g.add_argument("--crf", type=int, default=10, help="libx264 CRF, 0 best .. 51 worst (10 ~ reference quality 8)")
+    g.add_argument("--png", action="store_true", help="also write PNG frames, in <video_dir>/<name>_frames/")
     g.add_argument("--overwrite", action="store_true", help="replace outputs instead of adding _N")
 
 
@@ -201,7 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.save_dir:
             save_hr_latent(output_path(args.save_dir, str(job.output_index), ".safetensors", overwrite=args.overwrite),
                            latent, _latent_metadata(job, anchor, hr, hr_seed), overwrite=args.overwrite)
-        video = _decode_to(pw, latent, args.video_dir, str(job.output_index), decode, args.overwrite)
+        video = _decode_to(pw, latent, args, str(job.output_index), decode)
         log.info("[%d] %s -> %s (lr_seed %d, hr_seed %d)", job.index, pw.stats.summary(), video, lr_seed, hr_seed)
 
 
@@ -238,7 +239,7 @@ def cmd_upscale(args: argparse.Namespace) -> None:
         saved = save_hr_latent(output_path(args.save_dir, path.stem, ".safetensors", overwrite=args.overwrite),
                                latent, _latent_metadata(job, anchor, hr, hr_seed), overwrite=args.overwrite)
         if not args.latent_only:
-            saved = _decode_to(pw, latent, args.video_dir, path.stem, decode, args.overwrite)
+            saved = _decode_to(pw, latent, args, path.stem, decode)
         log.info("%s: %s -> %s (hr_seed %d)", path.name, pw.stats.summary(), saved, hr_seed)
 
 
@@ -249,14 +250,15 @@ def cmd_decode(args: argparse.Namespace) -> None:
     pw = PixelWizard(make_models(args, "vae"))
     for path, (latent, _) in latents:
         pw.stats = StageStats()
-        video = _decode_to(pw, latent, args.video_dir, path.stem, decode, args.overwrite)
+        video = _decode_to(pw, latent, args, path.stem, decode)
         log.info("%s: %s -> %s", path.name, pw.stats.summary(), video)
 
 
-def _decode_to(pw: PixelWizard, latent: torch.Tensor, folder: str, stem: str, decode: DecodeSettings,
-               overwrite: bool) -> Path:
-    path = output_path(folder, stem, ".mp4", overwrite=overwrite)
-    return _run_with_bar("decode", pw.decode, latent, path, decode, overwrite=overwrite)
+def _decode_to(pw: PixelWizard, latent: torch.Tensor, args: argparse.Namespace, stem: str,
+               decode: DecodeSettings) -> Path:
+    path = output_path(args.video_dir, stem, ".mp4", overwrite=args.overwrite)
+    png_dir = path.with_name(f"{path.stem}_frames") if args.png else None
+    return _run_with_bar("decode", pw.decode, latent, path, decode, overwrite=args.overwrite, png_dir=png_dir)
 
 
 def _latent_metadata(job: PromptJob, anchor: Anchor, hr: StageSettings, hr_seed: int) -> dict:

@@ -67,8 +67,9 @@ def test_stages_apart_equal_generate_in_one_go(weights, tmp_path):
     together, _ = load_hr_latent(tmp_path / "one_latents" / "0.safetensors")
     assert meta["seed"] == 10007 and torch.equal(apart, together)
     assert main(["decode", *models, *DECODE, str(tmp_path / "latents" / "0.safetensors"),
-                 "--video_dir", str(tmp_path / "two")]) == 0
+                 "--video_dir", str(tmp_path / "two"), "--png"]) == 0
     assert torch.equal(read_video(tmp_path / "two" / "0.mp4"), read_video(tmp_path / "one" / "0.mp4"))
+    assert len(list((tmp_path / "two" / "0_frames").glob("*.png"))) == 5
 
 
 def test_outputs_are_not_overwritten_unless_asked(weights, tmp_path):

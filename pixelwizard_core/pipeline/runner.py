@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.video import VideoWriter
+from ..io.video import PngSequenceWriter, VideoWriter
 from .anchors import Anchor
 from .loop import StepCallback
 from .models import Models
@@ -92,12 +92,16 @@ class PixelWizard:
             return hr_latent(model, anchor.latent, text, settings, seed, on_step=on_step)
 
     def decode(self, latent: torch.Tensor, path: str | Path, settings: DecodeSettings, *,
-               overwrite: bool = False, on_step: Callable[[int, int], None] | None = None) -> Path:
-        """Tiled decode streamed frame by frame into an mp4 (written atomically)."""
+               overwrite: bool = False, png_dir: str | Path | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> Path:
+        """Tiled decode streamed frame by frame into an mp4 (written atomically), and PNG frames on request."""
         with self._stage("decode"), self.models.use("vae") as vae:
+            pngs = PngSequenceWriter(png_dir, overwrite=overwrite) if png_dir is not None else None
             with VideoWriter(path, fps=settings.fps, crf=settings.crf, overwrite=overwrite) as writer:
                 for chunk in tiled_decode_stream(vae, latent, num_patches=settings.num_patches,
                                                  patch_dim=settings.patch_dim, overlap=settings.overlap,
                                                  blend=settings.blend, order=settings.order, on_step=on_step):
                     writer.append(chunk)
+                    if pngs is not None:
+                        pngs.append(chunk)
             return Path(writer.path)
