@@ -93,3 +93,26 @@ def test_anchor_must_fit_the_hr_video():
         check_anchor_fits(torch.zeros(1, 48, 31, 16, 28), settings)
     with pytest.raises(ConfigError, match="expected \\[1, 48"):
         check_anchor_fits(torch.zeros(1, 16, 3, 16, 28), settings)
+
+
+def test_anchor_files_round_trip_bit_exactly_and_refuse_tampering(tmp_path, generator):
+    from pixelwizard_core.errors import WeightFormatError
+    from pixelwizard_core.pipeline.anchors import Anchor, save_hr_latent
+
+    anchor = Anchor(latent=torch.randn(1, 48, 31, 16, 28, generator=generator), prompt="a fox ☃", negative_prompt="",
+                    seed=100, width=448, height=256, frames=121, steps=50, shift=5.0, cfg=5.0, model="lr/model.pt:123")
+    path = anchor.save(tmp_path / "a.safetensors")
+    loaded = Anchor.load(path)
+    assert torch.equal(loaded.latent, anchor.latent) and loaded.metadata() == anchor.metadata()
+    with pytest.raises(ConfigError, match="already exists"):
+        anchor.save(path)
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightFormatError, match="damaged"):
+        Anchor.load(path)
+    latent_file = save_hr_latent(tmp_path / "hr.safetensors", anchor.latent, {"seed": 1})
+    with pytest.raises(WeightFormatError, match="'pixelwizard.anchor' was expected"):
+        Anchor.load(latent_file)
+    with pytest.raises(ConfigError, match="needs \\[1, 48, 31, 16, 28\\]"):
+        Anchor(**{**anchor.__dict__, "latent": anchor.latent[:, :, :5]})
