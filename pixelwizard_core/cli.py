@@ -6,6 +6,7 @@ Every check (files, sizes, frame counts, output folders) runs before a model is 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import random
 import sys
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_models, _add_decode):
         add(decode)
     decode.add_argument("latents", nargs="+", help="HR latent files")
+    for name, command in COMMANDS.items():
+        sub.choices[name].set_defaults(run=command)
+    for module in PLUGINS:
+        importlib.import_module(module).add_subcommand(sub)
     return parser
 
 
@@ -268,13 +273,16 @@ def _latent_metadata(job: PromptJob, anchor: Anchor, hr: StageSettings, hr_seed:
 
 
 COMMANDS = {"generate": cmd_generate, "anchor": cmd_anchor, "upscale": cmd_upscale, "decode": cmd_decode}
+# Modules that add subcommands of their own: each has add_subcommand(subparsers) registering a parser
+# with set_defaults(run=function taking the parsed args).
+PLUGINS: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        COMMANDS[args.command](args)
+        args.run(args)
     except PixelWizardError as error:
         log.error("error: %s", error)
         return 2
