@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..loading import inspect_weights, load_dit, load_hr_dit, load_t5, load_t5_tokenizer, load_vae
 from ..loading.folders import resolve
-from .text import TextEncoder
+from .handles import PRECISIONS, ModelHandle, check_kind, module_of
+from .handles import load as load_handle
 
 log = logging.getLogger("pixelwizard")
 
 LOAD_MODES = ("auto", "resident", "reload")
+PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
 ROLES = ("text", "lr", "hr", "vae")
 
 
@@ -71,18 +72,12 @@ class ModelFiles:
     def check_kinds(self, *roles: str) -> None:
         """Read each file's keys (no tensor data) and refuse a file of the wrong kind for its role,
         e.g. an HR checkpoint given as the LR model, before anything heavy happens."""
-        expected = {"text": "t5", "vae": "vae", "lr": "dit", "hr": "hr_dit"}
         flags = {"text": "--text_encoder", "vae": "--vae_path", "lr": "--lr_ckpt/--dit", "hr": "--hr_ckpt"}
         for role in roles:
-            info = inspect_weights(self.path(role), component=expected[role])
-            if info.component != expected[role]:
-                found = info.component or "not a recognised weight file"
-                raise ConfigError(
-                    f"{self.path(role)} was given as {flags[role]} but it is {found!r} "
-                    f"(expected {expected[role]!r}); {info.problem or 'pass the right file for that stage'}"
-                )
-            if info.problem:
-                raise ConfigError(f"{self.path(role)}: {info.problem}")
+            try:
+                check_kind(self.path(role), role)
+            except ConfigError as error:
+                raise ConfigError(f"{flags[role]}: {error}") from None
 
     def path(self, role: str) -> Path | None:
         return {"text": self.text_encoder, "vae": self.vae, "lr": self.lr, "hr": self.hr}[role]
@@ -133,19 +128,11 @@ class Models:
         return torch.device("cpu") if role == "text" and self.t5_cpu else self.device
 
     def _load(self, role: str) -> object:
-        path, device = self.files.path(role), self._home(role)
-        log.info("loading %s from %s", role, path)
-        if role == "text":
-            return TextEncoder(load_t5(path, dtype=self.dtype, device=device), load_t5_tokenizer(path))
-        if role == "vae":
-            return load_vae(path, dtype=self.vae_dtype, device=device)
-        model = (load_hr_dit if role == "hr" else load_dit)(path, dtype=self.dtype, device=device)
-        model.set_attention_backend(self.attention)
-        return model
-
-    @staticmethod
-    def _module(model: object) -> torch.nn.Module:
-        return model.encoder if isinstance(model, TextEncoder) else model
+        dtype = self.vae_dtype if role == "vae" else self.dtype
+        handle = ModelHandle(role, str(self.files.path(role)), precision=PRECISION_NAMES[dtype],
+                             attention=self.attention)
+        log.info("loading %s from %s", role, handle.path)
+        return load_handle(handle, self._home(role))
 
     @contextlib.contextmanager
     def use(self, role: str) -> Iterator[object]:
@@ -156,14 +143,14 @@ class Models:
         if role not in self._loaded:
             self._loaded[role] = self._load(role)
         model = self._loaded[role]
-        self._module(model).to(self._work_device(role))
+        module_of(model).to(self._work_device(role))
         try:
             yield model
         finally:
             if self.load_mode == "reload":
                 self.release(role)
             else:
-                self._module(model).to(self._home(role))
+                module_of(model).to(self._home(role))
                 _empty_cache(self.device)
 
     def release(self, role: str | None = None) -> None:

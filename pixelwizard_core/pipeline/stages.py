@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..models.dit import WanDiT
 from ..models.hr import WanHRDiT
+from ..models.parallel import SequenceParallel
 from ..sampling import flow_schedule
 from .anchors import Anchor
 from .loop import StepCallback, denoise, make_noise
@@ -28,15 +29,17 @@ def lr_anchor(
     model_id: str = "",
     batch_cfg: bool = True,
     on_step: StepCallback | None = None,
+    sp: SequenceParallel | None = None,
 ) -> Anchor:
-    """Sample the low-resolution anchor with the base DiT or the PixelWizard LR model."""
+    """Sample the low-resolution anchor with the base DiT or the PixelWizard LR model (``sp``: tokens split
+    over a sequence-parallel group, every rank calls this and gets the whole anchor)."""
     check_stage(settings, hr=False)
     device = _device(dit)
     schedule = flow_schedule(settings.steps, settings.shift)
     timesteps = schedule.timesteps.to(device=device, dtype=torch.float32)
 
     def call(x: torch.Tensor, context: torch.Tensor, index: int) -> torch.Tensor:
-        return dit(x, timesteps[index].expand(x.shape[0]), context)
+        return dit(x, timesteps[index].expand(x.shape[0]), context, sp=sp)
 
     text = text.to(device)
     latent = denoise(call, make_noise(settings.latent_shape, seed, device), schedule, text.positive, text.negative,
@@ -74,8 +77,10 @@ def hr_latent(
     *,
     batch_cfg: bool = False,
     on_step: StepCallback | None = None,
+    sp: SequenceParallel | None = None,
 ) -> torch.Tensor:
-    """Sample the HR latent [1, 48, T, H/16, W/16] from pure noise, guided by the anchor in both CFG branches."""
+    """Sample the HR latent [1, 48, T, H/16, W/16] from pure noise, guided by the anchor in both CFG branches
+    (``sp`` as in :func:`lr_anchor`)."""
     check_stage(settings, hr=True)
     check_anchor_fits(anchor_latent, settings)
     if not isinstance(model, WanHRDiT):
@@ -89,8 +94,22 @@ def hr_latent(
     def call(x: torch.Tensor, context: torch.Tensor, index: int) -> torch.Tensor:
         batch = x.shape[0]
         return model(x, timesteps[index].expand(batch), context, dt=step_sizes[index].expand(batch),
-                     anchor=anchor.expand(batch, -1, -1, -1, -1))
+                     anchor=anchor.expand(batch, -1, -1, -1, -1), sp=sp)
 
     text = text.to(device)
     return denoise(call, make_noise(settings.latent_shape, seed, device), schedule, text.positive, text.negative,
                    cfg=settings.cfg, solver=settings.solver, batch_cfg=batch_cfg, on_step=on_step).cpu()
+
+
+def anchor_from_video(vae, frames: torch.Tensor, width: int, height: int, **metadata) -> Anchor:
+    """Anchor from existing footage: frames [F, H, W, 3] in 0..1 are cut to the longest 4k+1 prefix,
+    resized to ``width`` x ``height`` and encoded with the VAE (normalised latent)."""
+    if frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ConfigError(f"expected video frames [F, H, W, 3], got {tuple(frames.shape)}")
+    count = (frames.shape[0] - 1) // 4 * 4 + 1
+    video = frames[:count].permute(0, 3, 1, 2).float()
+    video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    video = (video * 2 - 1).clamp(-1, 1).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
+    latent = vae.encode(video.to(vae.device)).cpu()
+    defaults = dict(prompt="", negative_prompt="", seed=0, steps=0, shift=0.0, cfg=0.0, solver="", model="video")
+    return Anchor(latent=latent, width=width, height=height, frames=count, **{**defaults, **metadata})

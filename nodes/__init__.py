@@ -1,0 +1,44 @@
+"""The PixelWizard ComfyUI nodes (classic node API). Each node is thin: inputs in, one library call, outputs out."""
+
+from .anchors import (
+    PixelWizardAnchorFromLatent,
+    PixelWizardAnchorFromVideo,
+    PixelWizardAnchorLoad,
+    PixelWizardAnchorPreview,
+    PixelWizardAnchorSampler,
+    PixelWizardAnchorSave,
+)
+from .conditioning import PixelWizardTextEncode
+from .decode import PixelWizardDecodeToVideo, PixelWizardTiledDecode
+from .loaders import PixelWizardCheckpointLoader, PixelWizardWanLoader
+from .sampling import PixelWizardHRSampler
+
+NODE_CLASS_MAPPINGS = {
+    "PixelWizardWanLoader": PixelWizardWanLoader,
+    "PixelWizardCheckpointLoader": PixelWizardCheckpointLoader,
+    "PixelWizardTextEncode": PixelWizardTextEncode,
+    "PixelWizardAnchorSampler": PixelWizardAnchorSampler,
+    "PixelWizardAnchorPreview": PixelWizardAnchorPreview,
+    "PixelWizardAnchorSave": PixelWizardAnchorSave,
+    "PixelWizardAnchorLoad": PixelWizardAnchorLoad,
+    "PixelWizardAnchorFromLatent": PixelWizardAnchorFromLatent,
+    "PixelWizardAnchorFromVideo": PixelWizardAnchorFromVideo,
+    "PixelWizardHRSampler": PixelWizardHRSampler,
+    "PixelWizardTiledDecode": PixelWizardTiledDecode,
+    "PixelWizardDecodeToVideo": PixelWizardDecodeToVideo,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "PixelWizardWanLoader": "PixelWizard Wan2.2 Loader",
+    "PixelWizardCheckpointLoader": "PixelWizard Checkpoint Loader",
+    "PixelWizardTextEncode": "PixelWizard Text Encode",
+    "PixelWizardAnchorSampler": "PixelWizard Anchor Sampler (LR)",
+    "PixelWizardAnchorPreview": "PixelWizard Anchor Preview",
+    "PixelWizardAnchorSave": "PixelWizard Anchor Save",
+    "PixelWizardAnchorLoad": "PixelWizard Anchor Load",
+    "PixelWizardAnchorFromLatent": "PixelWizard Anchor from Latent",
+    "PixelWizardAnchorFromVideo": "PixelWizard Anchor from Video",
+    "PixelWizardHRSampler": "PixelWizard HR Sampler (2K/4K)",
+    "PixelWizardTiledDecode": "PixelWizard Tiled Decode",
+    "PixelWizardDecodeToVideo": "PixelWizard Decode to Video",
+}

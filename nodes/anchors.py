@@ -1,0 +1,189 @@
+"""Anchor nodes: sample, preview, save, load, and make anchors from a LATENT or from video frames."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from pixelwizard_core.errors import ConfigError
+from pixelwizard_core.pipeline import handles
+from pixelwizard_core.pipeline.anchors import Anchor
+from pixelwizard_core.pipeline.jobs import output_path
+from pixelwizard_core.pipeline.presets import LR_DEFAULTS, StageSettings, check_size
+from pixelwizard_core.pipeline.stages import anchor_from_video, lr_anchor
+
+from . import host
+from .types import CATEGORY, PW_ANCHOR, PW_CONDITIONING, PW_STAGE_MODEL, PW_WAN, from_comfy_latent, to_comfy_latent
+
+ANCHOR_FOLDER = Path("pixelwizard") / "anchors"
+SOLVERS = ["unipc", "euler"]
+
+
+def to_image(video: torch.Tensor) -> torch.Tensor:
+    """VAE output [1, 3, F, H, W] in [-1, 1] -> ComfyUI IMAGE [F, H, W, 3] in 0..1."""
+    return ((video[0].permute(1, 2, 3, 0).float() + 1) / 2).clamp(0, 1).cpu()
+
+
+class PixelWizardAnchorSampler:
+    DESCRIPTION = ("The LR anchor: 448x256, 121 frames, 50 steps. Cheap (3,472 tokens); it fixes layout and motion. "
+                   "Uses the PixelWizard LR checkpoint when connected, else the Wan2.2 base DiT.")
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = (PW_ANCHOR, "LATENT")
+    RETURN_NAMES = ("anchor", "latent")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        d = LR_DEFAULTS
+        return {
+            "required": {
+                "wan": (PW_WAN, {"tooltip": "from PixelWizard Wan2.2 Loader (its DiT samples unless lr_model is given)"}),
+                "conditioning": (PW_CONDITIONING, {"tooltip": "from PixelWizard Text Encode"}),
+                "width": ("INT", {"default": d.width, "min": 32, "max": 4096, "step": 32, "tooltip": "anchor width (multiple of 32)"}),
+                "height": ("INT", {"default": d.height, "min": 32, "max": 4096, "step": 32, "tooltip": "anchor height (multiple of 32)"}),
+                "frames": ("INT", {"default": d.frames, "min": 1, "max": 1001, "step": 4, "tooltip": "4k+1 frames; the HR video has as many"}),
+                "steps": ("INT", {"default": d.steps, "min": 1, "max": 200, "tooltip": "the reference uses 50"}),
+                "shift": ("FLOAT", {"default": d.shift, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": "flow shift (5.0)"}),
+                "cfg": ("FLOAT", {"default": d.cfg, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "guidance scale; 1 skips the negative pass"}),
+                "seed": ("INT", {"default": 100, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
+                                 "tooltip": "the reference uses base_seed + 100 for the first prompt"}),
+                "solver": (SOLVERS, {"default": "unipc", "tooltip": "unipc as the reference; euler for comparison"}),
+            },
+            "optional": {"lr_model": (PW_STAGE_MODEL, {"tooltip": "PixelWizard lr/model.pt; default: the Wan2.2 base DiT"})},
+        }
+
+    def sample(self, wan, conditioning, width, height, frames, steps, shift, cfg, seed, solver, lr_model=None):
+        settings = StageSettings(width, height, frames, steps, shift, cfg, solver)
+        handle = lr_model or wan.dit
+        if handle.role != "lr":
+            raise ConfigError("lr_model is an HR checkpoint; connect lr/model.pt (stage 'lr') or nothing")
+        with handles.opened(handle, host.device()) as dit:
+            anchor = lr_anchor(dit, conditioning, settings, seed, model_id=handle.identity, on_step=host.progress("anchor"))
+        host.free_memory()
+        return anchor, to_comfy_latent(anchor.latent)
+
+
+class PixelWizardAnchorPreview:
+    DESCRIPTION = "Decode the anchor to frames in seconds, to judge structure and motion before paying for the HR stage."
+    CATEGORY = CATEGORY
+    FUNCTION = "preview"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"wan": (PW_WAN, {"tooltip": "its VAE decodes the anchor"}),
+                             "anchor": (PW_ANCHOR, {"tooltip": "from the anchor sampler or Anchor Load"})}}
+
+    def preview(self, wan, anchor):
+        with handles.opened(wan.vae, host.device()) as vae:
+            video = vae.decode(anchor.latent, on_frame=host.progress("anchor preview"))
+        return (to_image(video),)
+
+
+def _anchor_dirs() -> dict[str, Path]:
+    return {"output": host.output_dir() / ANCHOR_FOLDER, "input": host.input_dir() / ANCHOR_FOLDER}
+
+
+def anchor_choices() -> list[str]:
+    names = []
+    for where, folder in _anchor_dirs().items():
+        if folder.is_dir():
+            names += [f"{where}/{p.name}" for p in sorted(folder.glob("*.safetensors"))]
+    return names
+
+
+def anchor_file(choice: str) -> Path:
+    where, _, name = choice.partition("/")
+    folder = _anchor_dirs().get(where)
+    if folder is None or not (folder / name).is_file():
+        raise FileNotFoundError(f"anchor {choice!r} is not in input/ or output/{ANCHOR_FOLDER.as_posix()}; save one first")
+    return folder / name
+
+
+class PixelWizardAnchorSave:
+    DESCRIPTION = "Save the anchor (latent + prompt, seed, size, steps...) as safetensors in output/pixelwizard/anchors."
+    CATEGORY = CATEGORY
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = (PW_ANCHOR,)
+    RETURN_NAMES = ("anchor",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"anchor": (PW_ANCHOR, {"tooltip": "the anchor to keep"}),
+                             "filename_prefix": ("STRING", {"default": "anchor", "tooltip": "file name; _N is added, nothing is overwritten"})}}
+
+    def save(self, anchor, filename_prefix):
+        prefix = Path(filename_prefix).name or "anchor"
+        path = anchor.save(output_path(_anchor_dirs()["output"], f"{prefix}_seed{anchor.seed}", ".safetensors", overwrite=False))
+        return {"ui": {"text": [f"output/{path.name}"]}, "result": (anchor,)}
+
+
+class PixelWizardAnchorLoad:
+    DESCRIPTION = "Load a saved anchor from input/ or output/pixelwizard/anchors, e.g. the one picked from a batch."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (PW_ANCHOR, "LATENT")
+    RETURN_NAMES = ("anchor", "latent")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"anchor": (anchor_choices(), {"tooltip": "anchors saved by PixelWizard Anchor Save"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, anchor):
+        try:
+            return anchor_file(anchor).stat().st_mtime_ns
+        except FileNotFoundError:
+            return math.nan
+
+    def load(self, anchor):
+        loaded = Anchor.load(anchor_file(anchor))
+        return {"ui": {"text": [f"{loaded.prompt[:80]} | seed {loaded.seed} | {loaded.width}x{loaded.height}, {loaded.frames} frames"]},
+                "result": (loaded, to_comfy_latent(loaded.latent))}
+
+
+class PixelWizardAnchorFromLatent:
+    DESCRIPTION = "Use any Wan2.2 5B LATENT (e.g. from ComfyUI's own sampler) as the anchor of the HR stage."
+    CATEGORY = CATEGORY
+    FUNCTION = "convert"
+    RETURN_TYPES = (PW_ANCHOR,)
+    RETURN_NAMES = ("anchor",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"latent": ("LATENT", {"tooltip": "a Wan2.2 5B video latent (48 channels)"}),
+                             "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "kept as the anchor's description"})}}
+
+    def convert(self, latent, prompt):
+        normalised = from_comfy_latent(latent)
+        _, _, t, h, w = normalised.shape
+        check_size(w * 16, h * 16)
+        return (Anchor(latent=normalised, prompt=prompt, negative_prompt="", seed=0, width=w * 16, height=h * 16,
+                       frames=4 * (t - 1) + 1, steps=0, shift=0.0, cfg=0.0, solver="", model="latent"),)
+
+
+class PixelWizardAnchorFromVideo:
+    DESCRIPTION = "Make an anchor from existing footage: frames are cut to 4k+1, resized to the anchor size and VAE-encoded."
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (PW_ANCHOR,)
+    RETURN_NAMES = ("anchor",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "wan": (PW_WAN, {"tooltip": "its VAE encodes the frames"}),
+            "frames": ("IMAGE", {"tooltip": "video frames, e.g. from Load Video"}),
+            "width": ("INT", {"default": LR_DEFAULTS.width, "min": 32, "max": 4096, "step": 32, "tooltip": "anchor width (448 as the reference)"}),
+            "height": ("INT", {"default": LR_DEFAULTS.height, "min": 32, "max": 4096, "step": 32, "tooltip": "anchor height (256 as the reference)"}),
+            "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "kept as the anchor's description"}),
+        }}
+
+    def encode(self, wan, frames, width, height, prompt):
+        check_size(width, height)
+        with handles.opened(wan.vae, host.device()) as vae:
+            return (anchor_from_video(vae, frames, width, height, prompt=prompt),)

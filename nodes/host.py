@@ -1,0 +1,110 @@
+"""Everything the node pack needs from ComfyUI, in one place.
+
+Uses ComfyUI when it is importable (model folders, progress bar, interrupt, VRAM, output/input folders,
+the VIDEO type) and plain fallbacks otherwise (a models folder from PIXELWIZARD_MODELS, tqdm, no-op
+interrupt), so the nodes can be imported and tested without the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("pixelwizard")
+
+try:  # inside ComfyUI
+    import comfy.model_management as _mm
+    import comfy.utils as _comfy_utils
+    import folder_paths as _folder_paths
+except ImportError:  # tests, scripts, worker processes
+    _mm = _comfy_utils = _folder_paths = None
+
+IN_COMFYUI = _folder_paths is not None
+MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders")
+
+
+def _fallback_root() -> Path:
+    return Path(os.environ.get("PIXELWIZARD_MODELS", "models")).expanduser()
+
+
+def model_files(folder: str) -> list[str]:
+    """Relative file names under a model folder (what combo widgets list)."""
+    if IN_COMFYUI:
+        return _folder_paths.get_filename_list(folder)
+    root = _fallback_root() / folder
+    if not root.is_dir():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def model_path(folder: str, name: str) -> Path:
+    """Full path of a file picked in a combo widget; a clear error when it is gone."""
+    if IN_COMFYUI:
+        full = _folder_paths.get_full_path(folder, name)
+    else:
+        candidate = _fallback_root() / folder / name
+        full = str(candidate) if candidate.is_file() else None
+    if full is None:
+        raise FileNotFoundError(f"model file {name!r} is not in the ComfyUI '{folder}' folder; put it there or pick another")
+    return Path(full)
+
+
+def output_dir() -> Path:
+    if IN_COMFYUI:
+        return Path(_folder_paths.get_output_directory())
+    return Path(os.environ.get("PIXELWIZARD_OUTPUT", "output")).expanduser()
+
+
+def input_dir() -> Path:
+    if IN_COMFYUI:
+        return Path(_folder_paths.get_input_directory())
+    return Path(os.environ.get("PIXELWIZARD_INPUT", "input")).expanduser()
+
+
+def device() -> torch.device:
+    if _mm is not None:
+        return _mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel (no-op outside ComfyUI)."""
+    if _mm is not None:
+        _mm.throw_exception_if_processing_interrupted()
+
+
+def progress(label: str) -> Callable[[int, int], None]:
+    """An on_step(done, total) callback: ComfyUI's progress bar (which is also an interrupt check)."""
+    bar = None
+
+    def on_step(done: int, total: int) -> None:
+        nonlocal bar
+        check_interrupt()
+        if _comfy_utils is not None:
+            bar = bar or _comfy_utils.ProgressBar(total)
+            bar.update_absolute(done, total)
+        else:
+            log.debug("%s %d/%d", label, done, total)
+
+    return on_step
+
+
+def free_memory() -> None:
+    """Give cached GPU memory back after a heavy node (ComfyUI's own helper when present)."""
+    if _mm is not None:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def video_output(path: Path) -> object:
+    """ComfyUI's VIDEO object for an mp4 when the host has the type; otherwise the path."""
+    try:
+        from comfy_api.input_impl import VideoFromFile
+    except ImportError:
+        return str(path)
+    return VideoFromFile(str(path))

@@ -1,0 +1,77 @@
+"""Loader nodes: they only describe models (handles); weights load when a sampler first needs them."""
+
+from __future__ import annotations
+
+from pixelwizard_core.pipeline.handles import MEMORY_MODES, PRECISIONS, ModelHandle
+
+from . import host
+from .types import CATEGORY, PW_STAGE_MODEL, PW_WAN, WanModels
+
+ATTENTION = ["auto", "sdpa", "flash"]
+
+
+def _options(precision: str, attention: str, memory_mode: str) -> dict:
+    return {"precision": precision, "attention": attention, "memory_mode": memory_mode}
+
+
+class PixelWizardWanLoader:
+    DESCRIPTION = ("Wan2.2-TI2V-5B base models (DiT, VAE, umT5) from the ComfyUI model folders or an official "
+                   "Wan-AI folder. Nothing loads until a sampler runs; the same files are loaded once.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (PW_WAN,)
+    RETURN_NAMES = ("wan",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "diffusion_model": (host.model_files("diffusion_models"), {"tooltip": "wan2.2_ti2v_5B_fp16.safetensors (models/diffusion_models)"}),
+                "vae": (host.model_files("vae"), {"tooltip": "wan2.2_vae.safetensors (models/vae)"}),
+                "text_encoder": (host.model_files("text_encoders"), {"tooltip": "umt5_xxl_fp16 or umt5_xxl_fp8_e4m3fn_scaled (models/text_encoders)"}),
+                "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "DiT and text encoder weights; the VAE always decodes in its own precision below"}),
+                "vae_precision": (list(PRECISIONS), {"default": "fp32", "tooltip": "fp32 as the official pipeline; bf16 halves decode memory"}),
+                "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: flash-attn on CUDA when installed, else PyTorch SDPA"}),
+                "memory_mode": (list(MEMORY_MODES), {"default": "gpu", "tooltip": "gpu: keep models on the GPU; offload: move each to the CPU when its stage ends"}),
+            },
+            "optional": {
+                "official_folder": ("STRING", {"default": "", "tooltip": "path of an official Wan-AI/Wan2.2-TI2V-5B folder; overrides the three files"}),
+            },
+        }
+
+    def load(self, diffusion_model, vae, text_encoder, precision, vae_precision, attention, memory_mode, official_folder=""):
+        options = _options(precision, attention, memory_mode)
+        if official_folder.strip():
+            dit_path = vae_path = text_path = official_folder.strip()
+        else:
+            dit_path = host.model_path("diffusion_models", diffusion_model)
+            vae_path = host.model_path("vae", vae)
+            text_path = host.model_path("text_encoders", text_encoder)
+        return (WanModels(
+            dit=ModelHandle.for_file("lr", dit_path, **options),
+            vae=ModelHandle.for_file("vae", vae_path, **{**options, "precision": vae_precision}),
+            text=ModelHandle.for_file("text", text_path, **options),
+        ),)
+
+
+class PixelWizardCheckpointLoader:
+    DESCRIPTION = ("A PixelWizard checkpoint (lr/model.pt for the anchor stage, 2k/model.pt or 4k/model.pt for the HR "
+                   "stage) from models/diffusion_models; the file's keys are checked against the stage now.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (PW_STAGE_MODEL,)
+    RETURN_NAMES = ("model",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "checkpoint": (host.model_files("diffusion_models"), {"tooltip": "e.g. PixelWizard/2k/model.pt"}),
+            "stage": (["hr", "lr"], {"default": "hr", "tooltip": "hr: 2k/4k shortcut model; lr: anchor model"}),
+            "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "weights precision (bf16 as the reference)"}),
+            "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: flash-attn on CUDA when installed, else PyTorch SDPA"}),
+            "memory_mode": (list(MEMORY_MODES), {"default": "gpu", "tooltip": "gpu: stay on the GPU; offload: back to the CPU after its stage"}),
+        }}
+
+    def load(self, checkpoint, stage, precision, attention, memory_mode):
+        path = host.model_path("diffusion_models", checkpoint)
+        return (ModelHandle.for_file(stage, path, **_options(precision, attention, memory_mode)),)
