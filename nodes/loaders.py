@@ -8,6 +8,7 @@ from . import host
 from .types import CATEGORY, PW_STAGE_MODEL, PW_WAN, WanModels
 
 ATTENTION = ["auto", "sdpa", "flash"]
+VAE_PRECISIONS = ["fp32", "bf16", "fp16"]
 
 
 def _options(precision: str, attention: str, memory_mode: str) -> dict:
@@ -29,8 +30,8 @@ class PixelWizardWanLoader:
                 "diffusion_model": (host.model_files("diffusion_models"), {"tooltip": "wan2.2_ti2v_5B_fp16.safetensors (models/diffusion_models)"}),
                 "vae": (host.model_files("vae"), {"tooltip": "wan2.2_vae.safetensors (models/vae)"}),
                 "text_encoder": (host.model_files("text_encoders"), {"tooltip": "umt5_xxl_fp16 or umt5_xxl_fp8_e4m3fn_scaled (models/text_encoders)"}),
-                "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "DiT and text encoder weights; the VAE always decodes in its own precision below"}),
-                "vae_precision": (list(PRECISIONS), {"default": "fp32", "tooltip": "fp32 as the official pipeline; bf16 halves decode memory"}),
+                "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "DiT and text encoder weights; fp8: the DiT's block weights stored in float8 (half of bf16), computed in bf16"}),
+                "vae_precision": (VAE_PRECISIONS, {"default": "fp32", "tooltip": "fp32 as the official pipeline; bf16 halves decode memory"}),
                 "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: flash-attn on CUDA when installed, else PyTorch SDPA"}),
                 "memory_mode": (list(MEMORY_MODES), {"default": "gpu", "tooltip": "gpu: keep models on the GPU; offload: move each to the CPU when its stage ends"}),
             },

@@ -242,3 +242,20 @@ def test_no_float64_or_per_token_modulation_tensor_of_sequence_length(generator)
     with torch.no_grad(), Recorder():
         model(x, torch.tensor([999.0]), context, dt=torch.tensor([56.0]), anchor=anchor)
     assert big_float64 == [] and per_token_modulation == []
+
+
+def test_fp8_weight_storage_halves_linear_memory_and_stays_close_to_bf16(generator):
+    from pixelwizard_core.models.layers import FP8, store_linears_in_fp8
+
+    model = randomised(WanHRDiT(TINY)).to(torch.bfloat16)
+    x, context, anchor = tiny_inputs(generator)
+    args = (x, torch.tensor([845.0]), context)
+    with torch.no_grad():
+        reference = model(*args, dt=torch.tensor([198.0]), anchor=anchor)
+        before = sum(p.numel() * p.element_size() for p in model.blocks.parameters())
+        assert store_linears_in_fp8(model.blocks) == TINY.num_layers * 10  # q k v o twice, ffn 0 and 2
+        after = sum(p.numel() * p.element_size() for p in model.blocks.parameters())
+        quantised = model(*args, dt=torch.tensor([198.0]), anchor=anchor)
+    assert model.blocks[0].self_attn.q.weight.dtype == FP8 and after < 0.6 * before
+    error = ((quantised - reference).norm() / reference.norm()).item()
+    assert 0 < error < 0.1, error  # e4m3 keeps 3 mantissa bits: a few percent through two blocks

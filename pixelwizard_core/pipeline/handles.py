@@ -20,12 +20,14 @@ import torch
 from ..errors import ConfigError
 from ..loading import inspect_weights, load_dit, load_hr_dit, load_t5, load_t5_tokenizer, load_vae
 from ..loading.folders import resolve
+from ..models.layers import store_linears_in_fp8
 from .text import TextEncoder
 
 log = logging.getLogger("pixelwizard")
 
 ROLES = {"text": "t5", "vae": "vae", "lr": "dit", "hr": "hr_dit"}  # role -> loader component
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}
+# "fp8": loaded in bf16, then the DiT's block Linears are stored in float8 with a per-tensor scale
 MEMORY_MODES = ("gpu", "offload")
 
 
@@ -89,6 +91,8 @@ def load(handle: ModelHandle, device: torch.device) -> object:
         return load_vae(handle.path, dtype=dtype, device=device)
     model = (load_hr_dit if handle.role == "hr" else load_dit)(handle.path, dtype=dtype, device=device)
     model.set_attention_backend(handle.attention)
+    if handle.precision == "fp8":
+        store_linears_in_fp8(model.blocks)
     return model
 
 

@@ -18,13 +18,13 @@ import torch
 
 from ..errors import ConfigError
 from ..loading.folders import resolve
-from .handles import PRECISIONS, ModelHandle, check_kind, module_of
+from .handles import ModelHandle, check_kind, module_of
 from .handles import load as load_handle
 
 log = logging.getLogger("pixelwizard")
 
 LOAD_MODES = ("auto", "resident", "reload")
-PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 ROLES = ("text", "lr", "hr", "vae")
 
 
@@ -105,6 +105,7 @@ class Models:
         offload: bool | None = None,
         t5_cpu: bool = False,
         attention: str = "auto",
+        prebuilt: dict[str, object] | None = None,
     ) -> None:
         if load_mode not in LOAD_MODES:
             raise ConfigError(f"model load mode {load_mode!r}: choose one of {', '.join(LOAD_MODES)}")
@@ -116,7 +117,8 @@ class Models:
         self.offload = self.device.type == "cuda" if offload is None else offload
         self.t5_cpu = t5_cpu
         self.attention = attention
-        self._loaded: dict[str, object] = {}
+        # models built in memory (``generate --demo``): used as if loaded, no file needed
+        self._loaded: dict[str, object] = dict(prebuilt or {})
 
     def _home(self, role: str) -> torch.device:
         """Where a model waits between uses."""
@@ -139,8 +141,8 @@ class Models:
         """The model of ``role`` on its working device for the duration of the block."""
         if role not in ROLES:
             raise ConfigError(f"unknown model role {role!r}")
-        self.files.require(role)
         if role not in self._loaded:
+            self.files.require(role)
             self._loaded[role] = self._load(role)
         model = self._loaded[role]
         module_of(model).to(self._work_device(role))
