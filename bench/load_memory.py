@@ -15,8 +15,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from peak_memory import peak_extra_rss  # noqa: E402
 from pixelwizard_core.models.dit import DiTConfig, WanDiT  # noqa: E402
 
 METHODS = {
@@ -33,13 +32,6 @@ METHODS = {
     "safetensors.load_file + load_state_dict": "naive_st",
     "torch.load + load_state_dict": "naive_pt",
 }
-
-
-def anon_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
 
 
 def config(args: argparse.Namespace) -> DiTConfig:
@@ -85,22 +77,10 @@ def load(method: str, cfg: DiTConfig, work: Path, dtype: torch.dtype) -> torch.n
 
 
 def measure(method: str, cfg: DiTConfig, work: Path, dtype: torch.dtype) -> dict:
-    base, peak, stop = anon_rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], anon_rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    model = load(method, cfg, work, dtype)
-    seconds = time.perf_counter() - start
-    stop.set()
-    thread.join()
+    with peak_extra_rss() as peak:
+        model = load(method, cfg, work, dtype)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"ratio": (peak[0] - base) / model_bytes, "model_gib": model_bytes / 2**30, "seconds": seconds}
+    return {"ratio": peak["bytes"] / model_bytes, "model_gib": model_bytes / 2**30, "seconds": peak["seconds"]}
 
 
 def main() -> None:

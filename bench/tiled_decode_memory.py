@@ -25,8 +25,6 @@ import json
 import platform
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from peak_memory import peak_extra_rss  # noqa: E402
 from pixelwizard_core.io import frames_to_uint8  # noqa: E402
 from pixelwizard_core.models import vae as vae_module  # noqa: E402
 from pixelwizard_core.models.vae import CausalCache, VAEConfig, WanVAE  # noqa: E402
@@ -46,13 +45,6 @@ CASES = {
     "ours: `tiled_decode_stream`, order=frame (lockstep)": "frame",
     "ours: `tiled_decode_stream`, order=tile": "tile",
 }
-
-
-def anon_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
 
 
 def build(args: argparse.Namespace) -> tuple[WanVAE, torch.Tensor]:
@@ -99,21 +91,9 @@ def run_case(case: str, args: argparse.Namespace) -> None:
 
 def measure(case: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    base, peak, stop = anon_rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], anon_rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    run_case(case, args)
-    seconds = time.perf_counter() - start
-    stop.set()
-    thread.join()
-    return {"peak_mib": (peak[0] - base) / 2**20, "seconds": seconds}
+    with peak_extra_rss() as peak:
+        run_case(case, args)
+    return {"peak_mib": peak["bytes"] / 2**20, "seconds": peak["seconds"]}
 
 
 def real_cache_gib(height: int, width: int) -> float:

@@ -34,3 +34,22 @@ def free_port() -> int:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+def scaled_tiny_vae(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Tiny Wan2.2 VAE with weights scaled like a trained network's (activations of order 1, few clamped
+    pixels), so tests of its numerics see realistic values rather than saturated noise."""
+    from pixelwizard_core.models.vae import VAEConfig, WanVAE
+
+    model = WanVAE(VAEConfig.tiny()).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / p[0].numel() ** 0.5 * (0.3 if name.startswith("decoder.head") else 1.0))
+    return model.to(dtype)

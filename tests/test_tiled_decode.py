@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import scaled_tiny_vae
 
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.models.vae import VAEConfig, WanVAE
@@ -28,21 +29,7 @@ SEAM_MAX_BOUND = 0.35
 SEAM_MEAN_BOUND = 0.027
 
 
-def tiny_vae(seed: int = 0) -> WanVAE:
-    """Tiny VAE whose weights are scaled like a trained network's (activations of order 1)."""
-    model = WanVAE(VAEConfig.tiny()).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5 * (0.3 if name.startswith("decoder.head") else 1.0))
-    return model
-
+tiny_vae = scaled_tiny_vae
 
 @pytest.fixture(scope="module")
 def vae() -> WanVAE:
