@@ -1,0 +1,167 @@
+// Tests of the browser glue js/pixelwizard.js against fake LiteGraph nodes (no browser needed).
+import assert from "node:assert/strict";
+import { register } from "node:module";
+import { test } from "node:test";
+
+register("./fake_app_hooks.mjs", import.meta.url);
+globalThis.document = {
+  createElement: () => ({ style: {}, textContent: "", children: [], replaceChildren(...rows) { this.children = rows; } }),
+};
+const { app } = await import("./fake_app.mjs");
+const { api } = await import("./fake_api.mjs");
+await import("../pixelwizard.js");
+const [extension] = app.extensions;
+
+class FakeNode {
+  constructor(type, widgets = {}, inputs = []) {
+    this.type = type;
+    this.widgets = Object.entries(widgets).map(([name, value]) => ({ name, value, callback: undefined }));
+    this.inputs = inputs.map((name) => ({ name, link: null }));
+    this.outputs = [{ name: "out", links: [] }];
+    this.upstream = {};
+    this.downstream = [];
+  }
+  getInputNode(index) { return this.upstream[this.inputs[index].name] ?? null; }
+  getOutputNodes() { return this.downstream; }
+  addDOMWidget(name, type, element, options) {
+    const w = { name, type, element, options, value: "" };
+    this.widgets.push(w);
+    return w;
+  }
+  setDirtyCanvas() {}
+  widget(name) { return this.widgets.find((w) => w.name === name); }
+  info() { return this.widget("pixelwizard_info")?.pwElement.pwText ?? ""; }
+}
+
+function connect(from, to, input) {
+  to.upstream[input] = from;
+  to.inputs.find((i) => i.name === input).link = 1;
+  from.downstream.push(to);
+}
+
+async function nodeClass(name) {
+  const type = class extends FakeNode {};
+  await extension.beforeRegisterNodeDef(type, { name });
+  return type;
+}
+
+async function graph() {
+  const HR = await nodeClass("PixelWizardHRSampler");
+  const Load = await nodeClass("PixelWizardAnchorLoad");
+  const hr = new HR("PixelWizardHRSampler",
+    { preset: "2k", width: 2560, height: 1440, steps: 4, shift: 5.5, cfg: 5, seed: 1, solver: "unipc" },
+    ["hr_model", "anchor", "conditioning"]);
+  const load = new Load("PixelWizardAnchorLoad", { anchor: "output/none.safetensors" });
+  const ckpt = new FakeNode("PixelWizardCheckpointLoader", { checkpoint: "PixelWizard/2k/model.pt", stage: "hr",
+    precision: "bf16", attention: "auto", memory_mode: "offload" });
+  const decoder = new FakeNode("PixelWizardDecodeToVideo", { num_patches: 3, patch_dim: "w" }, ["wan", "latent"]);
+  connect(ckpt, hr, "hr_model");
+  connect(load, hr, "anchor");
+  connect(hr, decoder, "latent");
+  hr.onNodeCreated();
+  load.onNodeCreated?.();
+  return { hr, load, ckpt, decoder };
+}
+
+test("the extension registers under a PixelWizard name", () => {
+  assert.equal(app.extensions.length, 1);
+  assert.match(extension.name, /^PixelWizard\./);
+});
+
+test("choosing a preset fills the sampler and the connected decoder", async () => {
+  const { hr, decoder } = await graph();
+  hr.widget("preset").value = "4k";
+  hr.widget("preset").callback("4k");
+  const values = ["width", "height", "steps", "shift"].map((n) => hr.widget(n).value);
+  assert.deepEqual(values, [3840, 2144, 4, 5.8]);
+  assert.equal(decoder.widget("num_patches").value, 4);
+  assert.match(hr.info(), /3840x2144 · 121 frames\? · 249,240 tokens/);
+  assert.match(hr.info(), /peak VRAM ≈ \d+\.\d GiB/);
+});
+
+test("editing the width leaves the preset for custom", async () => {
+  const { hr } = await graph();
+  hr.widget("width").value = 1920;
+  hr.widget("width").callback(1920);
+  assert.equal(hr.widget("preset").value, "custom");
+  assert.match(hr.info(), /^1920x1440 · /);
+});
+
+test("the info line is never saved nor sent to the server", async () => {
+  const { hr } = await graph();
+  const info = hr.widget("pixelwizard_info");
+  assert.equal(info.serialize, false);
+  assert.equal(info.options.serialize, false);
+  assert.equal(hr.widgets.at(-1), info, "appended after the node's own widgets, so positions do not shift");
+});
+
+test("anchor load shows prompt, seed and size, and the HR sampler takes its frame count", async () => {
+  const { hr, load } = await graph();
+  load.onExecuted({ text: ["a fox in snow | seed 7 | 448x256, 81 frames"] });
+  assert.equal(load.info(), "prompt: a fox in snow\nseed 7 · 448x256 · 81 frames");
+  hr.onDrawForeground?.();
+  assert.match(hr.info(), /2560x1440 · 81 frames · 75,600 tokens/);
+});
+
+test("keeping the base models on the GPU raises the HR estimate", async () => {
+  const { hr, load } = await graph();
+  const gib = () => Number(/≈ ([\d.]+) GiB/.exec(hr.info())[1]);
+  const alone = gib();
+  const wan = new FakeNode("PixelWizardWanLoader", { precision: "bf16", memory_mode: "gpu" });
+  load.inputs = [{ name: "wan", link: 1 }];
+  load.upstream.wan = wan;
+  hr.onConnectionsChange();
+  assert.ok(gib() - alone > 10, `${alone} -> ${gib()}`); // umT5-XXL (11.4 GB) + VAE stay resident
+});
+
+test("each info line is its own row, cut with an ellipsis instead of wrapping", async () => {
+  const { hr } = await graph();
+  const rows = hr.widget("pixelwizard_info").pwElement.children;
+  assert.equal(rows.length, 2);
+  assert.equal(rows.map((r) => r.textContent).join("\n"), hr.info());
+  assert.equal(rows[0].style.textOverflow, "ellipsis");
+});
+
+function anchorFile(metadata) {
+  const json = new TextEncoder().encode(JSON.stringify({ __metadata__: metadata }));
+  const bytes = new Uint8Array(8 + json.length + 16);
+  new DataView(bytes.buffer).setBigUint64(0, BigInt(json.length), true);
+  bytes.set(json, 8);
+  return bytes;
+}
+
+const settle = () => new Promise((resolve) => setTimeout(resolve, 10));
+
+test("picking an anchor reads its header and shows it before anything runs", async () => {
+  const prompt = "a heron lifts off a misty lake ".repeat(3000); // a header over 64 KiB: read in two requests
+  const path = "/view?filename=heron.safetensors&type=input&subfolder=pixelwizard%2Fanchors";
+  api.files[path] = anchorFile({ "pixelwizard.kind": "pixelwizard.anchor", prompt: JSON.stringify(prompt), seed: "5",
+    width: "448", height: "256", frames: "81", steps: "50", model: JSON.stringify("lr.pt:1") });
+  const { hr, load } = await graph();
+  api.requests.length = 0;
+  load.widget("anchor").value = "input/heron.safetensors";
+  load.widget("anchor").callback("input/heron.safetensors");
+  await settle();
+  assert.equal(api.requests.length, 2);
+  assert.equal(api.requests[0].range, "bytes=0-65535");
+  assert.equal(api.requests[1].range, `bytes=0-${api.files[path].length - 16 - 1}`);
+  assert.match(load.info(), /^prompt: a heron lifts off/);
+  assert.match(load.info(), /seed 5 · 448x256 · 81 frames$/);
+  assert.match(hr.info(), /2560x1440 · 81 frames · 75,600 tokens/);
+  // after a run the ui text confirms it; the header's full prompt is kept (the ui text is cut at 80 chars)
+  load.onExecuted({ text: [`${prompt.slice(0, 80)} | seed 5 | 448x256, 81 frames`] });
+  assert.equal(load.pwAnchor.prompt, prompt);
+});
+
+test("a file that is not an anchor, or is gone, says so", async () => {
+  const { load } = await graph();
+  api.files["/view?filename=x.safetensors&type=output&subfolder=pixelwizard%2Fanchors"] = anchorFile({ other: "1" });
+  load.widget("anchor").value = "output/x.safetensors";
+  load.widget("anchor").callback();
+  await settle();
+  assert.equal(load.info(), "output/x.safetensors: not a PixelWizard anchor");
+  load.widget("anchor").value = "output/gone.safetensors";
+  load.widget("anchor").callback();
+  await settle();
+  assert.equal(load.info(), "output/gone.safetensors: 404 for /view?filename=gone.safetensors&type=output&subfolder=pixelwizard%2Fanchors");
+});

@@ -1,0 +1,318 @@
+"""The pack inside a real ComfyUI: skipped unless COMFYUI_ROOT points to a ComfyUI checkout.
+
+Starts that ComfyUI (``COMFYUI_PYTHON``, default: this Python, must have ComfyUI's requirements) on
+127.0.0.1 with a temporary base directory holding a link to this pack in custom_nodes/ and tiny random-weight
+models under the Comfy-Org file names, then checks /object_info, queues API-format prompts through /prompt
+(the full graph, an anchor swapped in from a file, an error, and every example workflow converted the way the
+frontend does it, shrunk to tiny sizes), waits for them in /history and checks the files they wrote.
+
+    COMFYUI_ROOT=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/venv/bin/python python -m pytest tests/test_comfyui_integration.py
+
+ComfyUI imports torchvision at start-up (comfy/sd.py) but never uses it on this path. Where the given Python has
+no working torchvision (a CPU-only torch with no matching CPU torchvision wheel), the test puts an empty stand-in
+module on the server's PYTHONPATH; any real use of it raises.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT", "")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+PACK = "comfyui-pixelwizard"
+START_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.skipif(
+    not (COMFYUI_ROOT and (Path(COMFYUI_ROOT) / "main.py").is_file()),
+    reason="set COMFYUI_ROOT to a ComfyUI checkout (and COMFYUI_PYTHON to a Python with its requirements)")
+
+TORCHVISION_STUB = '''"""Stand-in: ComfyUI imports torchvision at start-up; PixelWizard never uses it."""
+def __getattr__(name):
+    raise AttributeError(f"torchvision is a test stand-in here ({name!r} unavailable)")
+'''
+
+
+class Server:
+    def __init__(self, url: str, base: Path, log: Path, process: subprocess.Popen):
+        self.url, self.base, self.log, self.process = url, base, log, process
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict):
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def run(self, prompt: dict, *, expect_error: bool = False) -> dict:
+        """Queue an API-format prompt and wait for its /history entry."""
+        status, answer = self.post("/prompt", {"prompt": prompt, "client_id": "pixelwizard-test"})
+        assert status == 200 and not answer.get("node_errors"), f"rejected ({status}): {answer}\n{self.log_tail()}"
+        prompt_id = answer["prompt_id"]
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and (
+                    entry["status"].get("completed") or entry["status"].get("status_str") == "error"):
+                ok = entry["status"].get("status_str") == "success"
+                assert ok != expect_error, f"{entry['status']}\n{self.log_tail()}"
+                return entry
+            assert self.process.poll() is None, f"ComfyUI exited\n{self.log_tail()}"
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT_S} s\n{self.log_tail()}")
+
+
+def _needs_torchvision_stub() -> bool:
+    probe = subprocess.run([COMFYUI_PYTHON, "-c", "import torchvision"], capture_output=True, timeout=120)
+    return probe.returncode != 0
+
+
+def _write_models(models: Path, scratch: Path) -> None:
+    from spm_support import train_umt5_like_spm
+    from tiny_models import state_dicts, write_comfy, write_pixelwizard
+
+    states = state_dicts()
+    (scratch / "spm").mkdir()
+    comfy = write_comfy(scratch / "staging", states, train_umt5_like_spm(scratch / "spm"))
+    for folder, key in (("diffusion_models", "dit"), ("vae", "vae"), ("text_encoders", "t5")):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        shutil.move(comfy[key], models / folder / comfy[key].name)
+    # the workflows name the fp8 text encoder; the loader goes by the keys, so the fp16 file stands in for it
+    shutil.copy(models / "text_encoders" / "umt5_xxl_fp16.safetensors",
+                models / "text_encoders" / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    files = write_pixelwizard(models / "diffusion_models" / "PixelWizard", states)
+    (models / "diffusion_models" / "PixelWizard" / "4k").mkdir()
+    shutil.copy(files["hr"], models / "diffusion_models" / "PixelWizard" / "4k" / "model.pt")
+
+
+def _write_clip(path: Path) -> None:
+    from pixelwizard_core.io.video import write_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = torch.linspace(0, 1, 9).view(9, 1, 1, 1)
+    frames = (torch.rand(1, 96, 160, 3) * 0.5 + t * 0.5) * 2 - 1
+    write_video(path, [frames], fps=24, crf=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from conftest import free_port
+
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "custom_nodes").mkdir()
+    try:
+        (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    except OSError:
+        shutil.copytree(ROOT, base / "custom_nodes" / PACK, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    _write_models(base / "models", tmp_path_factory.mktemp("scratch"))
+    _write_clip(base / "input" / "input_clip.mp4")
+    for folder in ("output", "user", "temp"):
+        (base / folder).mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    if _needs_torchvision_stub():
+        stub = base / "stubs" / "torchvision"
+        for module in (stub / "__init__.py", stub / "transforms" / "__init__.py", stub / "transforms" / "functional.py"):
+            module.parent.mkdir(parents=True, exist_ok=True)
+            module.write_text(TORCHVISION_STUB)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(base / "stubs"), env.get("PYTHONPATH")]))
+    port = free_port()
+    log = base / "comfyui.log"
+    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--disable-auto-launch", "--base-directory", str(base),
+               "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",
+               "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--preview-method", "none"]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=COMFYUI_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    srv = Server(f"http://127.0.0.1:{port}", base, log, process)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"ComfyUI exited at start-up:\n{srv.log_tail()}"
+            try:
+                srv.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, f"ComfyUI did not answer in {START_TIMEOUT_S} s\n{srv.log_tail()}"
+                time.sleep(1)
+        yield srv
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+
+
+def tiny_graph(seed: int = 100, prefix: str = "it") -> dict:
+    """loader -> text -> LR anchor (+ save) -> HR -> decode to video, at 128x64 -> 256x128, 5 frames."""
+    wan = ["1", 0]
+    return {
+        "1": {"class_type": "PixelWizardWanLoader", "inputs": {
+            "diffusion_model": "wan2.2_ti2v_5B_fp16.safetensors", "vae": "wan2.2_vae.safetensors",
+            "text_encoder": "umt5_xxl_fp16.safetensors", "precision": "fp32", "vae_precision": "fp32",
+            "attention": "auto", "memory_mode": "gpu"}},
+        "2": {"class_type": "PixelWizardCheckpointLoader", "inputs": {
+            "checkpoint": "PixelWizard/lr/model.pt", "stage": "lr", "precision": "fp32", "attention": "auto",
+            "memory_mode": "gpu"}},
+        "3": {"class_type": "PixelWizardCheckpointLoader", "inputs": {
+            "checkpoint": "PixelWizard/2k/model.pt", "stage": "hr", "precision": "fp32", "attention": "auto",
+            "memory_mode": "offload"}},
+        "4": {"class_type": "PixelWizardTextEncode", "inputs": {"wan": wan, "prompt": "a red fox in snow",
+                                                                  "negative_prompt": ""}},
+        "5": {"class_type": "PixelWizardAnchorSampler", "inputs": {
+            "wan": wan, "conditioning": ["4", 0], "lr_model": ["2", 0], "width": 128, "height": 64, "frames": 5,
+            "steps": 3, "shift": 5.0, "cfg": 5.0, "seed": seed, "solver": "unipc"}},
+        "6": {"class_type": "PixelWizardAnchorSave", "inputs": {"anchor": ["5", 0], "filename_prefix": prefix}},
+        "7": {"class_type": "PixelWizardHRSampler", "inputs": {
+            "hr_model": ["3", 0], "anchor": ["5", 0], "conditioning": ["4", 0], "preset": "custom", "width": 256,
+            "height": 128, "steps": 2, "shift": 5.5, "cfg": 5.0, "seed": 10000, "solver": "unipc"}},
+        "8": {"class_type": "PixelWizardDecodeToVideo", "inputs": {
+            "wan": wan, "latent": ["7", 0], "num_patches": 2, "patch_dim": "w", "overlap": 1, "blend": "cosine",
+            "filename_prefix": f"pixelwizard/{prefix}", "fps": 24, "crf": 10}},
+    }
+
+
+def read_output_video(server: Server, relative: str) -> torch.Tensor:
+    from pixelwizard_core.io.video import read_video
+
+    path = server.base / "output" / relative
+    assert path.is_file(), f"{path} missing"
+    return read_video(path)
+
+
+# ----------------------------------------------------------------------------------------------------- tests
+
+def test_object_info_lists_every_node_as_declared(server):
+    import nodes
+
+    info = server.get("/object_info")
+    for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        assert node_id in info, f"{node_id} missing from /object_info\n{server.log_tail()}"
+        entry = info[node_id]
+        assert entry["display_name"] == nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        assert entry["category"] == "PixelWizard" and entry["output"] == list(cls.RETURN_TYPES)
+        declared = cls.INPUT_TYPES()
+        assert entry["input_order"] == {group: list(declared[group]) for group in declared}
+    wan = info["PixelWizardWanLoader"]["input"]["required"]
+    assert "wan2.2_ti2v_5B_fp16.safetensors" in wan["diffusion_model"][0]
+    assert "PixelWizard/2k/model.pt" in info["PixelWizardCheckpointLoader"]["input"]["required"]["checkpoint"][0]
+
+
+def test_core_node_list_of_the_workflow_test_matches_this_comfyui(server):
+    from test_workflows import CORE_NODES
+
+    info = server.get("/object_info")
+    for node_type, spec in CORE_NODES.items():
+        if spec.get("frontend_only"):
+            continue
+        entry = info[node_type]
+        order = entry["input_order"].get("required", []) + entry["input_order"].get("optional", [])
+        assert order == [name for name, kind, _ in spec["inputs"] if kind != "UPLOAD"], node_type
+        assert entry["output"] == [t for _, t in spec["outputs"]], node_type
+        assert bool(entry["output_node"]) == bool(spec.get("output_node")), node_type
+
+
+def test_full_graph_through_prompt_and_history(server):
+    entry = server.run(tiny_graph())
+    outputs = entry["outputs"]
+    video = read_output_video(server, outputs["8"]["text"][0])
+    assert tuple(video.shape) == (5, 128, 256, 3)
+    assert outputs["6"]["text"] == ["output/it_seed100.safetensors"]
+    assert (server.base / "output" / "pixelwizard" / "anchors" / "it_seed100.safetensors").is_file()
+
+
+def test_a_saved_anchor_is_listed_and_swapped_into_the_hr_stage(server):
+    server.run(tiny_graph(seed=7, prefix="swap"))
+    choices = server.get("/object_info/PixelWizardAnchorLoad")["PixelWizardAnchorLoad"]["input"]["required"]["anchor"][0]
+    assert "output/swap_seed7.safetensors" in choices
+    graph = {key: value for key, value in tiny_graph(prefix="swapped").items() if key not in ("2", "5", "6")}
+    graph["9"] = {"class_type": "PixelWizardAnchorLoad", "inputs": {"anchor": "output/swap_seed7.safetensors"}}
+    graph["7"]["inputs"]["anchor"] = ["9", 0]
+    outputs = server.run(graph)["outputs"]
+    assert outputs["9"]["text"] == ["a red fox in snow | seed 7 | 128x64, 5 frames"]
+    assert tuple(read_output_video(server, outputs["8"]["text"][0]).shape) == (5, 128, 256, 3)
+
+
+def test_bad_input_is_an_execution_error_and_the_server_keeps_running(server):
+    graph = tiny_graph(prefix="bad")
+    graph["7"]["inputs"]["width"] = 250
+    entry = server.run(graph, expect_error=True)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "multiple of 32" in errors[0]["exception_message"]
+    assert errors[0]["node_type"] == "PixelWizardHRSampler"
+    assert server.get("/system_stats")["system"]["comfyui_version"]
+
+
+TINY_WIDGETS = {  # class -> inputs that make a workflow run in seconds on a CPU with the tiny models
+    "PixelWizardAnchorSampler": {"width": 128, "height": 64, "frames": 5, "steps": 2},
+    "PixelWizardHRSampler": {"preset": "custom", "width": 256, "height": 128, "steps": 2},
+    "PixelWizardAnchorFromVideo": {"width": 128, "height": 64},
+    "ImageFromBatch": {"length": 5},
+    "PixelWizardDecodeToVideo": {"num_patches": 2, "overlap": 1},
+}
+
+
+def shrink(prompt: dict) -> dict:
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        node["inputs"].update(TINY_WIDGETS.get(node["class_type"], {}))
+    return prompt
+
+
+def run_workflow(server: Server, data: dict) -> dict:
+    from test_workflows import to_api_prompt
+
+    prompt = shrink(to_api_prompt(data))
+    outputs = server.run(prompt)["outputs"]
+    for node_id, node in prompt.items():
+        if node["class_type"] in ("PixelWizardDecodeToVideo", "PixelWizardAnchorSave", "SaveVideo"):
+            assert node_id in outputs, f"output node {node_id} ({node['class_type']}) produced nothing"
+        if node["class_type"] == "PixelWizardDecodeToVideo":
+            assert tuple(read_output_video(server, outputs[node_id]["text"][0]).shape) == (5, 128, 256, 3)
+    return outputs
+
+
+@pytest.mark.parametrize("name", ["text_to_2k_video", "text_to_4k_video", "video_to_2k"])
+def test_example_workflow_runs(server, name):
+    from test_workflows import load
+
+    run_workflow(server, load(name))
+
+
+def test_pick_an_anchor_workflow_both_steps(server):
+    from test_workflows import MUTED, load
+
+    data = load("pick_an_anchor")
+    outputs = run_workflow(server, data)  # step 1 as loaded: three anchors previewed and saved
+    saved = sorted(text for out in outputs.values() for text in out.get("text", []))
+    assert saved == [f"output/anchor_seed{s}.safetensors" for s in (100, 101, 102)]
+    previews = [out for out in outputs.values() if "images" in out]
+    assert len(previews) == 3 and all(p["images"][0]["filename"].endswith(".mp4") for p in previews)
+    step2 = copy.deepcopy(data)  # step 2: unmute group 2; the anchor it loads now exists
+    for node in step2["nodes"]:
+        if node["mode"] == MUTED:
+            node["mode"] = 0
+    run_workflow(server, step2)
