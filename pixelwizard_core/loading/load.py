@@ -13,6 +13,7 @@ place, on the device the parameters now live on. Any tensor still on the meta de
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -24,7 +25,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, MissingFileError, WeightFormatError
 from ..models.dit import DiTConfig, WanDiT
-from ..models.hr import WanHRDiT
+from ..models.hr import STEP_SIZE_CONDITIONING_KEY, STEP_SIZE_CONDITIONINGS, WanHRDiT
 from ..models.t5 import T5Config, UMT5Encoder
 from ..models.vae import VAEConfig, WanVAE
 from . import folders
@@ -90,6 +91,7 @@ def load_hr_dit(
     device: str | torch.device = "cpu",
     config_overrides: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    step_size_conditioning: str | None = None,
 ) -> nn.Module:
     """The PixelWizard HR DiT (``WanHRDiT``) from its checkpoint (``2k/model.pt``, ``4k/model.pt`` or a file
     converted to safetensors).
@@ -97,12 +99,38 @@ def load_hr_dit(
     The file must hold exactly the 825 base keys, the 4 ``dt_embedding`` keys and the 18 ``spatial_adapter``
     keys (strict, unlike the reference's non-strict adapter load). ``use_ema`` picks ``generator_ema`` over
     ``generator``; a file with only one of them uses that one (logged). ``adapter_dtype`` keeps the anchor
-    injector in float32 as the reference does (None: same as ``dtype``). Other arguments as :func:`load_dit`.
+    injector in float32 as the reference does (None: same as ``dtype``). ``step_size_conditioning`` names
+    the registered step-size conditioning to build; None uses the one the file records in its metadata
+    (``step_size_conditioning``, written by the trainer), else the reference's ``sinusoidal``.
+    Other arguments as :func:`load_dit`.
     """
     overrides = {"spatial_adapter.": _as_dtype(adapter_dtype)} if adapter_dtype is not None else None
     with open_weights(path, "hr_dit", use_ema=use_ema) as source:
+        name = step_size_conditioning or recorded_step_size_conditioning(source)
         return load_from_source(source, "hr_dit", dtype=dtype, device=device, overrides=config_overrides,
-                                dtype_overrides=overrides, progress=progress)
+                                dtype_overrides=overrides, progress=progress,
+                                model_kwargs={"step_size_conditioning": name})
+
+
+def recorded_step_size_conditioning(source: TensorSource) -> str:
+    """The step-size conditioning a checkpoint says it was trained with ('sinusoidal' when it says nothing).
+
+    The value may be a bare string or JSON-encoded (files written through ``save_tensor_file``)."""
+    raw = source.metadata.get(STEP_SIZE_CONDITIONING_KEY)
+    if raw is None:
+        return "sinusoidal"
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    name = value if isinstance(value, str) else raw
+    if name not in STEP_SIZE_CONDITIONINGS:
+        raise ConfigError(
+            f"{source.describe()} was trained with the step-size conditioning {name!r}, which is not registered "
+            f"here (registered: {', '.join(sorted(STEP_SIZE_CONDITIONINGS))}). Import the module that calls "
+            "register_step_size_conditioning for it before loading, or pass step_size_conditioning=... explicitly."
+        )
+    return name
 
 
 def load_vae(
@@ -229,8 +257,10 @@ def load_from_source(
     overrides: Mapping[str, Any] | None = None,
     dtype_overrides: Mapping[str, torch.dtype] | None = None,
     progress: Progress | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """Check ``source`` against the model it describes and load it (see the module docstring)."""
+    """Check ``source`` against the model it describes and load it (see the module docstring).
+    ``model_kwargs`` go to the model class after the config (e.g. the HR step-size conditioning)."""
     start = time.perf_counter()
     dev = _as_device(device)
     requested = _as_dtype(dtype)
@@ -239,7 +269,7 @@ def load_from_source(
     config_cls, model_cls = model_classes(component)
     config = make_config(component, config_cls, derive_values(component, plan.shapes), overrides, where)
     _warn_if_not_published(component, config, where)
-    model = build_on_meta(model_cls, config)
+    model = build_on_meta(model_cls, config, **(model_kwargs or {}))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     verify_keys(plan, expected, where)
     target = requested or default_dtype(plan, source)
@@ -267,10 +297,10 @@ def _warn_if_not_published(component: str, config: Any, where: str) -> None:
         log.warning("%s is not the size of the published Wan2.2-TI2V-5B model: %s", where, listed)
 
 
-def build_on_meta(model_cls: type, config: Any) -> nn.Module:
+def build_on_meta(model_cls: type, config: Any, **kwargs: Any) -> nn.Module:
     """Construct the model without allocating its weights."""
     with torch.device("meta"):
-        return model_cls(config)
+        return model_cls(config, **kwargs)
 
 
 def default_dtype(plan: KeyPlan, source: TensorSource) -> torch.dtype:
@@ -398,5 +428,5 @@ def _file_dtypes(plan: KeyPlan, source: TensorSource) -> str:
 
 __all__ = [
     "load_dit", "load_hr_dit", "load_vae", "load_t5", "load_t5_tokenizer", "open_weights", "load_from_source",
-    "choose_section", "model_classes", "plan_for", "default_dtype", "meta_tensors",
+    "choose_section", "model_classes", "plan_for", "default_dtype", "meta_tensors", "recorded_step_size_conditioning",
 ]

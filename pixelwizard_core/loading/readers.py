@@ -18,7 +18,7 @@ import os
 import pickle
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -238,9 +238,10 @@ class StateDictSource(TensorSource):
 
     container = "torch pickle"
 
-    def __init__(self, path: Path, tensors: Mapping[str, torch.Tensor], section: str = "") -> None:
+    def __init__(self, path: Path, tensors: Mapping[str, torch.Tensor], section: str = "",
+                 metadata: dict[str, str] | None = None) -> None:
         infos = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in tensors.items()}
-        super().__init__(path, infos)
+        super().__init__(path, infos, metadata)
         self.section = section
         self._tensors = tensors
 
@@ -261,9 +262,10 @@ class PickleCheckpoint:
 
     path: Path
     sections: dict[str, dict[str, torch.Tensor]]
+    metadata: dict[str, str] = field(default_factory=dict)  # top-level string entries (e.g. training notes)
 
     def source(self, section: str) -> StateDictSource:
-        return StateDictSource(self.path, self.sections[section], section)
+        return StateDictSource(self.path, self.sections[section], section, self.metadata)
 
 
 def open_pickle(path: Path) -> PickleCheckpoint:
@@ -286,7 +288,8 @@ def open_pickle(path: Path) -> PickleCheckpoint:
         raise WeightFormatError(
             f"{path} contains no tensors (top-level entries: {', '.join(map(str, list(obj)[:8])) or 'none'})."
         )
-    return PickleCheckpoint(path, sections)
+    metadata = {str(k): v for k, v in obj.items() if isinstance(v, str)}
+    return PickleCheckpoint(path, sections, metadata)
 
 
 def _flatten_tensors(mapping: Mapping, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
