@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -15,9 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import setup_cli
 from .errors import PixelWizardError
 from .io.paths import check_folder
 from .pipeline.anchors import Anchor, load_hr_latent, save_hr_latent
+from .pipeline.demo import demo_models
 from .pipeline.jobs import PromptJob, output_path, read_prompts
 from .pipeline.models import LOAD_MODES, ModelFiles, Models
 from .pipeline.presets import HR_CFG, LR_DEFAULTS, StageSettings, check_stage, parse_resolution, prompt_seeds
@@ -105,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_models, _add_prompts, _add_lr, _add_hr, _add_decode):
         add(generate)
     generate.add_argument("--save_dir", help="also save HR latents (safetensors) here")
+    g = generate.add_argument_group("several processes (run under torchrun; see pixelwizard_core.distributed.launch)")
+    g.add_argument("--ulysses_size", type=int, default=1, help="sequence-parallel degree: 1 or the number of processes")
+    g.add_argument("--dit_fsdp", action="store_true", help="shard the DiTs over the processes (FSDP, a unit per block)")
+    g.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder over the processes")
+    setup_cli.add_generate_options(generate)
     anchor = sub.add_parser("anchor", help="prompts -> anchor files")
     for add in (_add_models, _add_prompts, _add_lr):
         add(anchor)
@@ -156,6 +164,8 @@ def decode_settings(args: argparse.Namespace) -> DecodeSettings:
 
 
 def make_models(args: argparse.Namespace, *roles: str) -> Models:
+    if getattr(args, "demo", False):
+        return demo_models(args.device, DTYPES[args.dtype], args.attention)
     files = ModelFiles.resolve(ckpt_dir=args.ckpt_dir, dit=args.dit, text_encoder=args.text_encoder,
                                vae=args.vae_path, lr_ckpt=args.lr_ckpt, hr_ckpt=args.hr_ckpt)
     files.require(*roles)
@@ -165,8 +175,20 @@ def make_models(args: argparse.Namespace, *roles: str) -> Models:
                   attention=args.attention)
 
 
+def make_pipeline(args: argparse.Namespace, *roles: str) -> PixelWizard:
+    """One process, or (under torchrun, or with the parallel options) this rank of a multi-process run."""
+    models = make_models(args, *roles)
+    if getattr(args, "ulysses_size", 1) > 1 or getattr(args, "dit_fsdp", False) or getattr(args, "t5_fsdp", False) \
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed.launch import DistributedPixelWizard
+
+        return DistributedPixelWizard.from_env(models, ulysses=args.ulysses_size, dit_fsdp=args.dit_fsdp,
+                                               t5_fsdp=args.t5_fsdp)
+    return PixelWizard(models)
+
+
 def _bar(description: str) -> tuple[tqdm, object]:
-    bar = tqdm(desc=description, unit="step", leave=False)
+    bar = tqdm(desc=description, unit="step", leave=False, disable=os.environ.get("RANK", "0") != "0")
 
     def on_step(done: int, total: int) -> None:
         bar.total = total
@@ -191,20 +213,21 @@ def _base_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    setup_cli.prepare_generate(args)  # --demo settings, or weights from the models folder (--download)
     jobs = read_prompts(args.prompt, args.prompt_file)
     lr, decode = lr_settings(args), decode_settings(args)
     hr = hr_settings(args, lr.frames)
     for folder in filter(None, (args.video_dir, args.save_dir)):
         check_folder(Path(folder), make_dirs=True)
-    pw = PixelWizard(make_models(args, "text", "lr", "hr", "vae"))
-    base = _base_seed(args)
+    pw = make_pipeline(args, "text", "lr", "hr", "vae")
+    base = pw.share(_base_seed(args))  # every rank samples from the same seed
     for job in jobs:
         pw.stats = StageStats()
         lr_seed, hr_seed = prompt_seeds(base, job.index)
         text = pw.conditioning(job.prompt, job.negative_prompt or args.negative_prompt)
         anchor = _run_with_bar(f"[{job.index}] LR anchor", pw.anchor, text, lr, lr_seed)
         latent = _run_with_bar(f"[{job.index}] HR {hr.width}x{hr.height}", pw.upscale, anchor, text, hr, hr_seed)
-        if args.save_dir:
+        if args.save_dir and pw.is_main:
             save_hr_latent(output_path(args.save_dir, str(job.output_index), ".safetensors", overwrite=args.overwrite),
                            latent, _latent_metadata(job, anchor, hr, hr_seed), overwrite=args.overwrite)
         video = _decode_to(pw, latent, args, str(job.output_index), decode)
@@ -275,18 +298,18 @@ def _latent_metadata(job: PromptJob, anchor: Anchor, hr: StageSettings, hr_seed:
 COMMANDS = {"generate": cmd_generate, "anchor": cmd_anchor, "upscale": cmd_upscale, "decode": cmd_decode}
 # Modules that add subcommands of their own: each has add_subcommand(subparsers) registering a parser
 # with set_defaults(run=function taking the parsed args).
-PLUGINS: tuple[str, ...] = ()
+PLUGINS: tuple[str, ...] = ("pixelwizard_core.setup_cli", "pixelwizard_core.training.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        args.run(args)
+        code = args.run(args)
     except PixelWizardError as error:
         log.error("error: %s", error)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

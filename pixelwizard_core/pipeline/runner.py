@@ -57,9 +57,15 @@ class StageStats:
 class PixelWizard:
     """The two-stage pipeline over a set of lazily loaded models."""
 
+    is_main = True  # this process writes the files (in a multi-process run only rank 0 does)
+
     def __init__(self, models: Models) -> None:
         self.models = models
         self.stats = StageStats()
+
+    def share(self, value: object) -> object:
+        """``value`` as the main process has it (multi-process runs override this)."""
+        return value
 
     @contextlib.contextmanager
     def _stage(self, name: str) -> Iterator[None]:

@@ -1,0 +1,136 @@
+"""``torchrun ... -m pixelwizard_core generate --ulysses_size N [--dit_fsdp] [--t5_fsdp]``.
+
+Every rank runs the command. The stages go through :class:`.session.Session`, the code the pool's workers
+run; this class only gives it the stage API of :class:`~pixelwizard_core.pipeline.runner.PixelWizard`, so
+the CLI's generate loop is the same for one process and for many. Rank 0 encodes the prompt (all ranks
+with ``--t5_fsdp``) and shares it, all ranks sample together, each decodes its tiles and sends them to
+rank 0, which blends them and alone writes files. Works on one machine or several (torchrun's
+``--nnodes`` / ``--rdzv_endpoint``); the GPU of a rank is its LOCAL_RANK.
+
+Example: ``torchrun --nproc_per_node 8 -m pixelwizard_core generate --ulysses_size 8 --dit_fsdp --t5_fsdp
+--ckpt_dir Wan2.2-TI2V-5B --lr_ckpt PixelWizard/lr/model.pt --hr_ckpt PixelWizard/2k/model.pt --prompt ...``
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+from ..io.video import PngSequenceWriter, VideoWriter
+from ..pipeline.anchors import Anchor
+from ..pipeline.handles import ModelHandle
+from ..pipeline.loop import StepCallback
+from ..pipeline.models import Models
+from ..pipeline.presets import StageSettings
+from ..pipeline.runner import DecodeSettings, PixelWizard
+from ..pipeline.text import TextConditioning
+from .session import ParallelConfig, Session, check_model_degree, init_process_group
+from .tiles import blend_tiles, plan_for_latent
+
+log = logging.getLogger("pixelwizard")
+
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def launched_world_size() -> int:
+    """The number of ranks torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class DistributedPixelWizard(PixelWizard):
+    """PixelWizard's stages run by every rank of a torchrun job (see the module docstring)."""
+
+    def __init__(self, models: Models, session: Session) -> None:
+        super().__init__(models)
+        self.session = session
+
+    @classmethod
+    def from_env(cls, models: Models, *, ulysses: int = 1, dit_fsdp: bool = False,
+                 t5_fsdp: bool = False) -> "DistributedPixelWizard":
+        """Join (or reuse) the process group torchrun set up; every option is checked before that."""
+        world, rank = launched_world_size(), int(os.environ.get("RANK", "0"))
+        config = ParallelConfig(ulysses, dit_fsdp, t5_fsdp)
+        if world == 1 and ulysses > 1:
+            raise ConfigError(f"--ulysses_size {ulysses} splits the work over {ulysses} processes: launch with "
+                              f"torchrun --nproc_per_node {ulysses} -m pixelwizard_core generate ...")
+        config.check(world)
+        if models.files.lr is None and models.files.hr is None:
+            raise ConfigError("multi-process generation loads weight files in every process; it cannot use --demo")
+        for role in ("lr", "hr"):
+            if models.files.path(role) is not None:
+                check_model_degree(models.files.path(role), role, ulysses)
+        device = models.device
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        models.device = device
+        if world > 1 and not dist.is_initialized():
+            init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                               device=device)
+            atexit.register(_destroy)
+        if rank != 0:  # one rank speaks for all
+            log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+        return cls(models, Session(config, device=device, t5_cpu=models.t5_cpu))
+
+    @property
+    def is_main(self) -> bool:
+        return self.session.is_main
+
+    def share(self, value: object) -> object:
+        return self.session.share(value)
+
+    def _handle(self, role: str) -> ModelHandle:
+        models = self.models
+        self.models.files.require(role)
+        precision = PRECISION_NAMES[models.vae_dtype if role == "vae" else models.dtype]
+        return ModelHandle(role, str(models.files.path(role)), precision=precision, attention=models.attention,
+                           memory_mode="offload" if models.offload else "gpu")
+
+    def conditioning(self, prompt: str, negative_prompt: str | None = None) -> TextConditioning:
+        with self._stage("text"):
+            text = self.session.encode_text(self._handle("text"), prompt, negative_prompt)
+            return self.session.share(text)
+
+    def anchor(self, text: TextConditioning, settings: StageSettings, seed: int,
+               on_step: StepCallback | None = None) -> Anchor:
+        self.session.progress = on_step
+        with self._stage("lr"):
+            return self.session.lr_anchor(self._handle("lr"), text, settings, seed)
+
+    def upscale(self, anchor: Anchor, text: TextConditioning, settings: StageSettings, seed: int,
+                on_step: StepCallback | None = None) -> torch.Tensor:
+        self.session.progress = on_step
+        with self._stage("hr"):
+            return self.session.hr_latent(self._handle("hr"), anchor.latent, text, settings, seed)
+
+    def decode(self, latent: torch.Tensor, path: str | Path, settings: DecodeSettings, *,
+               overwrite: bool = False, png_dir: str | Path | None = None, on_step: StepCallback | None = None
+               ) -> Path:
+        """Each rank decodes its tiles; rank 0 blends them and writes the mp4 (and PNG frames)."""
+        self.session.progress = on_step
+        with self._stage("decode"):
+            plan = plan_for_latent(latent, settings)
+            mine = self.session.decode_tiles(self._handle("vae"), latent, settings)
+            pieces = self.session.gather_tiles(mine, plan, latent)
+            if not self.is_main:
+                return Path(path)
+            video = blend_tiles(plan, pieces)
+            del pieces
+            pngs = PngSequenceWriter(png_dir, overwrite=overwrite) if png_dir is not None else None
+            with VideoWriter(path, fps=settings.fps, crf=settings.crf, overwrite=overwrite) as writer:
+                for chunk in video.split([1] + [4] * (latent.shape[2] - 1), dim=2):  # as the streamed decode
+                    writer.append(chunk)
+                    if pngs is not None:
+                        pngs.append(chunk)
+            return Path(writer.path)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

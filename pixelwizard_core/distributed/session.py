@@ -1,0 +1,339 @@
+"""One rank of a multi-process run: its process group, its resident models and the jobs it runs.
+
+The same class serves the worker pool (a worker process per rank, jobs sent by the parent) and
+``torchrun ... generate`` (every rank runs the command): both call the job methods below, so they run
+the same code. Every rank calls every job; ranks that have nothing to do for a job return at once.
+
+- Sequence parallel (``ulysses`` > 1, equal to the world size): the DiT forwards split their tokens over
+  all ranks (``UlyssesGroup``); every rank ends each step with the whole latent.
+- FSDP (``dit_fsdp`` / ``t5_fsdp``): the DiTs / the text encoder are sharded over all ranks, one unit per
+  block (:mod:`.fsdp`); every rank then runs every forward of that model.
+- Without ``t5_fsdp`` only rank 0 loads and runs the text encoder.
+- Decode: rank r decodes tiles r, r + N, ... (:mod:`.tiles`).
+
+Models stay resident between jobs, cached per role by file identity (path, size, modification time), so
+a second job with the same files loads nothing; a different file for a role replaces that role's model.
+Interrupts are agreed on by all ranks after every step (one tiny all-reduce), so no rank is left waiting
+in a collective for a rank that stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError, MissingFileError, PixelWizardError
+from ..loading import load_t5_tokenizer
+from ..loading.folders import resolve
+from ..models.parallel import check_degree
+from ..pipeline.anchors import Anchor
+from ..pipeline.handles import PRECISIONS, ModelHandle, module_of
+from ..pipeline.handles import load as load_handle
+from ..pipeline.presets import StageSettings
+from ..pipeline.runner import DecodeSettings
+from ..pipeline.stages import hr_latent, lr_anchor
+from ..pipeline.text import TextConditioning, TextEncoder
+from .tiles import decode_tiles, plan_for_latent, tiles_of_rank
+from .ulysses import UlyssesGroup
+
+log = logging.getLogger("pixelwizard")
+
+COMPONENTS = {"text": "t5", "lr": "dit", "hr": "hr_dit", "vae": "vae"}
+BACKENDS = ("auto", "nccl", "gloo")
+Progress = Callable[[int, int], None]
+
+
+class JobInterrupted(PixelWizardError):
+    """A job was stopped on request (Cancel); the workers are still usable."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the work of one model call is split over the ranks."""
+
+    ulysses: int = 1
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
+
+    def check(self, world_size: int) -> None:
+        """The Ulysses degree must be 1 or the number of ranks (there is no data-parallel split)."""
+        if isinstance(self.ulysses, bool) or not isinstance(self.ulysses, int) or self.ulysses < 1:
+            raise ConfigError(f"ulysses degree must be a positive integer, got {self.ulysses!r}")
+        if self.ulysses not in (1, world_size):
+            raise ConfigError(
+                f"ulysses degree {self.ulysses} with {world_size} processes/GPUs: the sequence is split over every "
+                f"rank, so use ulysses {world_size} (or 1 for FSDP and split decoding only)")
+
+
+def file_identity(path: Path) -> tuple:
+    """What makes two loads of a weight file the same: path, size and modification time (with every
+    shard of a sharded folder)."""
+    files = [path]
+    if path.suffix == ".json":
+        files += sorted(path.parent.glob("*.safetensors"))
+    try:
+        return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    except FileNotFoundError as error:
+        raise MissingFileError(f"{error.filename} does not exist (any more): was it moved or deleted? "
+                               "Put it back or choose the model file again") from None
+
+
+def check_model_degree(path: str | Path, role: str, ulysses: int) -> None:
+    """Refuse a Ulysses degree that does not divide the model's heads, from the file header alone."""
+    if ulysses <= 1:
+        return
+    from ..loading import inspect_weights
+
+    info = inspect_weights(resolve(path, COMPONENTS[role]), component=COMPONENTS[role])
+    heads = info.config.get("num_heads")
+    if heads:
+        check_degree(int(heads), ulysses)
+
+
+def init_process_group(backend: str, *, rank: int, world_size: int, store: dist.Store | None = None,
+                       device: torch.device | None = None, timeout_s: float = 1800.0) -> None:
+    """The default process group (env:// rendezvous when ``store`` is None, as torchrun sets up)."""
+    kwargs = {"backend": backend, "rank": rank, "world_size": world_size, "timeout": timedelta(seconds=timeout_s)}
+    if store is not None:
+        kwargs["store"] = store
+    if device is not None and device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(**kwargs)
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("backend 'nccl' needs CUDA GPUs, and none is visible; use 'gloo' for CPU processes")
+    return backend
+
+
+class Session:
+    """One rank: its models (cached by file identity) and the pipeline jobs. Needs an initialised
+    default process group when the world has more than one rank."""
+
+    def __init__(self, config: ParallelConfig = ParallelConfig(), *, device: torch.device | str = "cpu",
+                 t5_cpu: bool = False) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world_size = dist.get_world_size() if distributed else 1
+        config.check(self.world_size)
+        if config.t5_fsdp and t5_cpu:
+            raise ConfigError("t5_fsdp shards the text encoder over the GPUs; it cannot also run on the CPU (t5_cpu)")
+        self.config = config
+        self.device = torch.device(device)
+        self.t5_cpu = t5_cpu
+        self.sp = UlyssesGroup() if config.ulysses > 1 else None
+        self.mesh = None
+        if self.world_size > 1 and (config.dit_fsdp or config.t5_fsdp):
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # CPU collectives (interrupt agreement, tile gathering) need gloo whatever the main backend is
+        self.cpu_group = None
+        if self.world_size > 1:
+            self.cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.should_stop: Callable[[], bool] = lambda: False
+        self.progress: Progress | None = None
+        self.loaded: list[str] = []  # roles loaded since the last reset_job()
+        self._models: dict[str, tuple[tuple, object]] = {}
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _sharded(self, role: str) -> bool:
+        if self.mesh is None:
+            return False
+        return self.config.t5_fsdp if role == "text" else self.config.dit_fsdp if role in ("lr", "hr") else False
+
+    # --- models ------------------------------------------------------------------------------
+    def _home(self, handle: ModelHandle) -> torch.device:
+        if handle.role == "text" and self.t5_cpu:
+            return torch.device("cpu")
+        return self.device if self._sharded(handle.role) else handle.home(self.device)
+
+    def _work_device(self, role: str) -> torch.device:
+        return torch.device("cpu") if role == "text" and self.t5_cpu else self.device
+
+    def model(self, handle: ModelHandle) -> object:
+        """The model of ``handle``, loaded on first use and kept while its file and options are unchanged."""
+        file = Path(handle.path)
+        key = (file_identity(file), handle.precision, handle.memory_mode, self._sharded(handle.role))
+        cached = self._models.get(handle.role)
+        if cached is not None and cached[0] == key:
+            model = cached[1]
+        else:
+            if cached is not None:
+                self.release(handle.role)
+            start = time.perf_counter()
+            model = self._load(handle)
+            self._models[handle.role] = (key, model)
+            self.loaded.append(handle.role)
+            log.info("rank %d: loaded %s from %s in %.1f s", self.rank, handle.role, file, time.perf_counter() - start)
+        if hasattr(model, "set_attention_backend"):
+            model.set_attention_backend(handle.attention)
+        return model
+
+    def _load(self, handle: ModelHandle) -> object:
+        if not self._sharded(handle.role):
+            return load_handle(handle, self._home(handle))
+        from .fsdp import load_sharded  # torch's FSDP costs almost a second to import: only when used
+
+        dtype = PRECISIONS[handle.precision]
+        if handle.role == "text":
+            encoder = load_sharded(handle.path, "t5", self.mesh, dtype=dtype, device=self.device)
+            return TextEncoder(encoder, load_t5_tokenizer(handle.path))
+        return load_sharded(handle.path, COMPONENTS[handle.role], self.mesh, dtype=dtype, device=self.device)
+
+    def release(self, role: str | None = None) -> None:
+        """Drop one resident model (or all of them) and free its memory."""
+        for name in [role] if role else list(self._models):
+            self._models.pop(name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def _placed(self, handle: ModelHandle) -> Iterator[object]:
+        """The model on its working device for the block; offloaded models go back to the CPU after."""
+        model = self.model(handle)
+        work, home = self._work_device(handle.role), self._home(handle)
+        if home != work:
+            module_of(model).to(work)
+        try:
+            yield model
+        finally:
+            if home != work:
+                module_of(model).to(home)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    # --- control -----------------------------------------------------------------------------
+    def reset_job(self) -> None:
+        self.loaded = []
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _stop_requested(self, agree: bool) -> bool:
+        """This rank's stop flag, or (``agree``) whether any rank's is set: then all stop at the same step."""
+        flag = bool(self.should_stop())
+        if agree and self.world_size > 1:
+            value = torch.tensor([int(flag)], dtype=torch.int32)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.cpu_group)
+            flag = bool(value.item())
+        return flag
+
+    def check_stop(self, what: str, agree: bool) -> None:
+        if self._stop_requested(agree):
+            raise JobInterrupted(f"{what}: interrupted")
+
+    def _callback(self, what: str, *, agree: bool, report: bool) -> Progress:
+        def on_step(done: int, total: int) -> None:
+            if report and self.progress is not None:
+                self.progress(done, total)
+            if self._stop_requested(agree):
+                raise JobInterrupted(f"{what} interrupted after step {done} of {total}")
+
+        return on_step
+
+    def memory(self) -> dict[str, float]:
+        """Peak memory of this process: host resident set (MiB) and, on CUDA, allocated device memory."""
+        info = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.device.type == "cuda":
+            info["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return info
+
+    # --- jobs --------------------------------------------------------------------------------
+    def encode_text(self, handle: ModelHandle, prompt: str, negative_prompt: str | None = None
+                    ) -> TextConditioning | None:
+        """Both CFG branches' context (CPU), on rank 0 (every rank with ``t5_fsdp``); None elsewhere."""
+        sharded = self._sharded("text")
+        if not (sharded or self.is_main):
+            return None
+        self.check_stop("text encoding", agree=sharded)
+        with self._placed(_role(handle, "text")) as encoder:
+            return encoder.conditioning(prompt, negative_prompt).to("cpu")
+
+    def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int) -> Anchor:
+        """The LR anchor, sampled by every rank together (the same result on each)."""
+        self.check_stop("LR anchor", agree=True)
+        with self._placed(_role(handle, "lr")) as dit:
+            return lr_anchor(dit, text, settings, seed, model_id=handle.identity, sp=self.sp,
+                             on_step=self._callback("LR anchor", agree=True, report=self.is_main))
+
+    def hr_latent(self, handle: ModelHandle, anchor_latent: torch.Tensor, text: TextConditioning,
+                  settings: StageSettings, seed: int) -> torch.Tensor:
+        """The HR latent [1, 48, T, H/16, W/16] (CPU), sampled by every rank together."""
+        self.check_stop("HR stage", agree=True)
+        with self._placed(_role(handle, "hr")) as model:
+            return hr_latent(model, anchor_latent, text, settings, seed, sp=self.sp,
+                             on_step=self._callback("HR stage", agree=True, report=self.is_main))
+
+    def decode_tiles(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings
+                     ) -> dict[int, torch.Tensor]:
+        """This rank's tiles of the tiled decode, weighted, on the CPU (see :mod:`.tiles`)."""
+        plan = plan_for_latent(latent, settings)
+        indices = tiles_of_rank(len(plan.tiles), self.rank, self.world_size)
+        if not indices:
+            return {}
+        self.check_stop("decode", agree=False)
+        with self._placed(_role(handle, "vae")) as vae:
+            return decode_tiles(vae, latent, plan, indices, self._callback("decode", agree=False, report=True))
+
+    # --- moving results between ranks (torchrun; the pool's parent collects from each worker instead) ---
+    def share(self, value: object, src: int = 0) -> object:
+        """``value`` of rank ``src`` on every rank (CPU objects, over gloo)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=src, group=self.cpu_group)
+        return box[0]
+
+    def gather_tiles(self, pieces: dict[int, torch.Tensor], plan, latent: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every rank's weighted tiles on rank 0 (an empty dict elsewhere), sent tile by tile over gloo."""
+        if self.world_size == 1:
+            return pieces
+        if not self.is_main:
+            for index in sorted(pieces):
+                dist.send(pieces[index].contiguous(), dst=0, group=self.cpu_group)
+            return {}
+        frames = 4 * (latent.shape[2] - 1) + 1
+        gathered = dict(pieces)
+        for index, tile in enumerate(plan.tiles):
+            owner = index % self.world_size
+            if owner == 0:
+                continue
+            rows, cols = tile.pixels()
+            buffer = torch.empty(latent.shape[0], 3, frames, rows.stop - rows.start, cols.stop - cols.start)
+            dist.recv(buffer, src=owner, group=self.cpu_group)
+            gathered[index] = buffer
+        return gathered
+
+    def describe(self) -> dict:
+        """Resident models (with the parameters this rank holds) and peak memory, for reports and tests."""
+        from .fsdp import shard_stats
+
+        models = {role: {"file": key[0][0][0], **shard_stats(module_of(m))}
+                  for role, (key, m) in self._models.items()}
+        return {"rank": self.rank, "world_size": self.world_size, "device": str(self.device), "models": models,
+                **self.memory()}
+
+
+def _role(handle: ModelHandle, role: str) -> ModelHandle:
+    if handle.role != role:
+        raise ConfigError(f"a {handle.role!r} model ({handle.path}) was given where the {role!r} model is needed")
+    return handle

@@ -1,0 +1,151 @@
+"""A worker process of the pool: ``python -m pixelwizard_core.distributed.worker FD``.
+
+FD is this end of a private socket pair to the parent. The first message is the setup (rank, world
+size, device, backend, rendezvous port, parallel options); the worker joins the process group over the
+parent's TCP store on 127.0.0.1, says ``ready``, then runs jobs until told to shut down.
+
+A reader thread receives everything the parent sends: jobs go to the main thread, interrupts are
+recorded at once (the running job checks them after every step and tile). When the parent disappears
+the socket closes and the worker exits by itself, so it never outlives the ComfyUI / CLI process.
+
+Replies: ``("ready", rank, pid)``, ``("progress", job, rank, done, total)``,
+``("done", job, rank, result, info)``, ``("interrupted", job, rank, message)`` and
+``("error", job, rank, message, traceback)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import resource
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .session import JobInterrupted, ParallelConfig, Session, init_process_group
+from .transport import receive, send
+
+log = logging.getLogger("pixelwizard")
+
+JOBS = ("encode_text", "lr_anchor", "hr_latent", "decode_tiles", "describe")
+
+
+class Channel:
+    """The socket to the parent: sends from the main thread, a reader thread for everything incoming."""
+
+    def __init__(self, conn: Connection, folder: Path) -> None:
+        self.conn, self.folder = conn, folder
+        self.jobs: queue.Queue = queue.Queue()
+        self.interrupted: set[int] = set()
+        self.closing = False
+        self._lock = threading.Lock()
+
+    def start_reader(self) -> None:
+        threading.Thread(target=self._read, name="pixelwizard-pool-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = receive(self.conn)
+                if message[0] == "interrupt":
+                    self.interrupted.add(message[1])
+                else:
+                    self.jobs.put(message)
+                    if message[0] == "shutdown":
+                        return
+        except (EOFError, OSError):
+            if not self.closing:  # the parent is gone: nobody can use our results, and nobody may wait on us
+                os._exit(3)
+        except BaseException:  # an unreadable message: die visibly rather than leave the parent waiting
+            log.exception("the pool worker could not read a message from its parent")
+            os._exit(4)
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            send(self.conn, message, self.folder)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_job(session: Session, channel: Channel, message: tuple) -> None:
+    _, job, name, kwargs = message
+    rank = session.rank
+    session.reset_job()
+    session.should_stop = lambda: job in channel.interrupted
+    session.progress = lambda done, total: channel.send(("progress", job, rank, done, total))
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    try:
+        if name not in JOBS:
+            raise ValueError(f"unknown job {name!r}")
+        result = getattr(session, name)(**kwargs)
+    except JobInterrupted as error:
+        channel.send(("interrupted", job, rank, str(error)))
+        return
+    except BaseException as error:  # reported, then the parent tears the pool down
+        log.error("job %s failed on rank %d: %s", name, rank, error)
+        channel.send(("error", job, rank, f"{type(error).__name__}: {error}", traceback.format_exc()))
+        return
+    finally:
+        channel.interrupted.discard(job)
+    info = {"loaded": list(session.loaded), "seconds": time.perf_counter() - start,
+            "cpu_seconds": _cpu_seconds() - cpu, **session.memory()}
+    channel.send(("done", job, rank, result, info))
+
+
+def _join(setup: dict, device: torch.device) -> Session:
+    store = dist.TCPStore("127.0.0.1", setup["port"], setup["world_size"], is_master=False,
+                          timeout=timedelta(seconds=setup["start_timeout"]))
+    init_process_group(setup["backend"], rank=setup["rank"], world_size=setup["world_size"], store=store,
+                       device=device, timeout_s=setup["collective_timeout"])
+    return Session(ParallelConfig(**setup["parallel"]), device=device)
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    conn = Connection(int(argv[0]))
+    setup = receive(conn)
+    logging.basicConfig(level=setup["log_level"], stream=sys.stderr,
+                        format=f"[pixelwizard worker {setup['rank']}] %(message)s")
+    if setup["threads"]:
+        torch.set_num_threads(setup["threads"])
+    device = torch.device(setup["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    channel = Channel(conn, Path(setup["folder"]))
+    channel.start_reader()
+    try:
+        session = _join(setup, device)
+    except BaseException as error:  # tell the parent why, instead of just vanishing
+        channel.send(("error", None, setup["rank"], f"{type(error).__name__}: {error}", traceback.format_exc()))
+        return 1
+    channel.send(("ready", setup["rank"], os.getpid()))
+    while True:
+        message = channel.jobs.get()
+        if message[0] == "shutdown":
+            break
+        run_job(session, channel, message)
+    channel.closing = True
+    session.release()
+    dist.destroy_process_group()
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    exit_code = main(sys.argv[1:])
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)  # everything is released; skip interpreter teardown (seconds of C++ destructors)

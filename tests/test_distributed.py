@@ -1,0 +1,227 @@
+"""Multi-process building blocks on CPU/gloo: FSDP sharding and loading, the split tiled decode, degree checks,
+the pool's message transport, and ``torchrun ... generate`` against one process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
+from spm_support import train_umt5_like_spm
+from tiny_models import _weights, state_dicts, write_comfy, write_pixelwizard
+
+from pixelwizard_core.distributed.session import ParallelConfig, check_model_degree
+from pixelwizard_core.distributed.tiles import blend_tiles, decode_tiles, plan_for_latent, tiles_of_rank
+from pixelwizard_core.errors import ConfigError
+from pixelwizard_core.models.dit import DiTConfig, WanDiT
+from pixelwizard_core.models.hr import WanHRDiT
+from pixelwizard_core.pipeline.handles import ModelHandle, load
+from pixelwizard_core.pipeline.runner import DecodeSettings
+from pixelwizard_core.pipeline.tiled_decode import tiled_decode
+
+# Two heads of 128 (the real head size), so Ulysses can split them over two processes.
+DIT = DiTConfig(dim=256, ffn_dim=256, freq_dim=256, num_heads=2, num_layers=2, text_dim=32)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_weights(root: Path) -> dict[str, Path]:
+    """Tiny two-head LR/HR DiTs (PixelWizard .pt, float32), umT5 and VAE (Comfy-Org files)."""
+    states = state_dicts()
+    states["dit"], states["hr"] = _weights(WanDiT(DIT), 10), _weights(WanHRDiT(DIT), 11)
+    (root / "spm").mkdir(parents=True, exist_ok=True)
+    comfy = write_comfy(root / "comfy", states, train_umt5_like_spm(root / "spm"))
+    pw = write_pixelwizard(root / "pw", states)
+    return {"text": comfy["t5"], "vae": comfy["vae"], "lr": pw["lr"], "hr": pw["hr"]}
+
+
+def handles(files: dict[str, Path]) -> dict[str, ModelHandle]:
+    return {role: ModelHandle.for_file(role, path, precision="fp32") for role, path in files.items()}
+
+
+def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((ours - expected).abs().max() / expected.abs().max()).item()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """CPU kernels round differently with other thread counts; the workers run one thread each."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    return write_weights(tmp_path_factory.mktemp("weights"))
+
+
+# --- FSDP ----------------------------------------------------------------------------------------
+
+
+def _fsdp_inputs():
+    g = torch.Generator().manual_seed(3)
+    x, context = torch.randn(1, 48, 2, 4, 6, generator=g), torch.randn(1, 7, DIT.text_dim, generator=g)
+    return x, context, torch.randn(1, 48, 2, 2, 3, generator=g)
+
+
+def _fsdp_worker(rank: int, port: int, files: dict, result: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pixelwizard_core.distributed.fsdp import load_sharded, shard_stats
+    from pixelwizard_core.pipeline.text import TextEncoder
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        hr = load_sharded(files["hr"], "hr_dit", mesh, dtype=torch.float32)
+        t5 = load_sharded(files["text"], "t5", mesh, dtype=torch.float32)
+        from pixelwizard_core.loading import load_t5_tokenizer
+
+        x, context, anchor = _fsdp_inputs()
+        with torch.no_grad():
+            out = hr(x, torch.tensor([900.0]), context, dt=torch.tensor([100.0]), anchor=anchor)
+        text = TextEncoder(t5, load_t5_tokenizer(files["text"])).encode(["a red fox", "snow"])
+        adapter_sharded = any(hasattr(p, "to_local") for p in hr.spatial_adapter.parameters())
+        torch.save({"out": out, "text": text, "hr": shard_stats(hr), "t5": shard_stats(t5),
+                    "adapter_sharded": adapter_sharded, "dtype": hr.blocks[0].self_attn.q.weight.dtype},
+                   f"{result}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_holds_half_of_each_block_per_rank_and_equals_the_unsharded_model(files, tmp_path):
+    """FSDP2 over 2 gloo ranks, loaded shard by shard: every rank holds about half of the block
+    parameters, the injector is whole on each, and the outputs equal the unsharded models'."""
+    result = str(tmp_path / "fsdp")
+    mp.spawn(_fsdp_worker, args=(free_port(), {k: str(v) for k, v in files.items()}, result), nprocs=2)
+    ranks = [torch.load(f"{result}.{r}", weights_only=True) for r in range(2)]
+    h = handles(files)
+    hr, encoder = load(h["hr"], torch.device("cpu")), load(h["text"], torch.device("cpu"))
+    x, context, anchor = _fsdp_inputs()
+    with one_thread(), torch.no_grad():
+        expected = hr(x, torch.tensor([900.0]), context, dt=torch.tensor([100.0]), anchor=anchor)
+        expected_text = encoder.encode(["a red fox", "snow"])
+    for r in ranks:
+        for model in ("hr", "t5"):
+            stats = r[model]
+            assert abs(stats["block_local"] / stats["block_total"] - 0.5) < 0.01, stats
+        assert not r["adapter_sharded"] and r["dtype"] == torch.float32
+        assert torch.equal(r["out"], expected)  # all-gathered weights are the weights: no rounding at all
+        assert torch.equal(r["text"], expected_text)
+    assert sum(r["hr"]["block_local"] for r in ranks) == ranks[0]["hr"]["block_total"]
+
+
+# --- split decode ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blend", ["cosine", "reference"])
+def test_tiles_split_over_ranks_blend_to_the_single_process_decode(files, blend):
+    """Ranks decode disjoint tile subsets; blending them gives the one-process tiled decode bit for bit."""
+    vae = load(handles(files)["vae"], torch.device("cpu"))
+    latent = torch.randn(1, 48, 2, 4, 12, generator=torch.Generator().manual_seed(0))
+    settings = DecodeSettings(num_patches=3, overlap=1, blend=blend)
+    plan = plan_for_latent(latent, settings)
+    pieces = {}
+    for rank in range(2):
+        subset = tiles_of_rank(len(plan.tiles), rank, 2)
+        assert subset == ([0, 2] if rank == 0 else [1])
+        pieces.update(decode_tiles(vae, latent, plan, subset))
+    expected = tiled_decode(vae, latent, num_patches=3, overlap=1, blend=blend)
+    assert torch.equal(blend_tiles(plan, pieces), expected)
+    with pytest.raises(ConfigError, match=r"tiles \[1\] of 3 were not decoded"):
+        blend_tiles(plan, {i: p for i, p in pieces.items() if i != 1})
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+def test_invalid_degrees_are_refused_with_the_valid_ones(files):
+    with pytest.raises(ConfigError, match="does not divide the model's 2 attention heads; use one of 1, 2 "):
+        check_model_degree(files["hr"], "hr", 4)
+    check_model_degree(files["hr"], "hr", 2)
+    with pytest.raises(ConfigError, match="use ulysses 4"):
+        ParallelConfig(ulysses=2).check(4)
+    with pytest.raises(ConfigError, match="positive integer"):
+        ParallelConfig(ulysses=0).check(1)
+
+
+def test_pool_messages_carry_tensors_and_settings_but_no_arbitrary_objects(tmp_path):
+    import pickle
+    from multiprocessing import Pipe
+
+    from pixelwizard_core.distributed.transport import INLINE_BYTES, receive, send
+    from pixelwizard_core.pipeline.presets import StageSettings
+
+    a, b = Pipe()
+    big = torch.randn(INLINE_BYTES).to(torch.bfloat16)  # 2x the inline limit: goes through a file
+    message = {"small": torch.arange(6).view(2, 3), "big": big, "settings": StageSettings(64, 64, 5, 2, 5.0, 5.0),
+               "empty": torch.zeros(0, 3), "path": Path("/x")}
+    send(a, message, tmp_path)
+    got = receive(b)
+    assert torch.equal(got["small"], message["small"]) and torch.equal(got["big"], big)
+    assert got["settings"] == message["settings"] and got["path"] == Path("/x") and got["empty"].shape == (0, 3)
+    assert list(tmp_path.iterdir()) == []  # the receiver removed the file it mapped
+    a.send_bytes(pickle.dumps(io.StringIO))  # a reference to code outside the allowed modules
+    with pytest.raises(pickle.UnpicklingError, match="may not reference _io.StringIO"):
+        receive(b)
+
+
+# --- torchrun ----------------------------------------------------------------------------------------
+
+
+def test_torchrun_generate_with_ulysses_and_fsdp_equals_one_process(files, tmp_path):
+    """``generate --ulysses_size 2 --dit_fsdp --t5_fsdp`` in 2 processes given torchrun's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; torchrun's agent itself is left out to save
+    time) runs the pool's code path: the HR latent equals the one-process run's, rank 0 alone writes files."""
+    common = ["--text_encoder", str(files["text"]), "--vae_path", str(files["vae"]), "--lr_ckpt", str(files["lr"]),
+              "--hr_ckpt", str(files["hr"]), "--device", "cpu", "--dtype", "fp32", "--lr_size", "128*64",
+              "--frame_num", "5", "--lr_steps", "3", "--resolution", "256x128", "--hr_steps", "2",
+              "--num_patches", "3", "--overlap", "1", "--prompt", "a red fox in snow", "--base_seed", "-1"]
+    argv = [sys.executable, "-m", "pixelwizard_core", "generate", *common, "--ulysses_size", "2", "--dit_fsdp",
+            "--t5_fsdp", "--video_dir", str(tmp_path / "many"), "--save_dir", str(tmp_path / "many")]
+    port = str(free_port())
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        ranks.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=240)[0] for process in ranks]
+    for process, output in zip(ranks, outputs):
+        assert process.returncode == 0, output[-3000:]
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["0.mp4", "0.safetensors"]  # rank 0 only
+
+    from pixelwizard_core.cli import main
+    from pixelwizard_core.io.video import read_video
+    from pixelwizard_core.pipeline.anchors import load_hr_latent
+
+    many, metadata = load_hr_latent(tmp_path / "many" / "0.safetensors")
+    one_args = [a if a != "-1" else str(metadata["seed"] - 10000) for a in common]  # the base seed rank 0 drew
+    assert main(["generate", *one_args, "--video_dir", str(tmp_path / "one"), "--save_dir", str(tmp_path / "one")]) == 0
+    one, _ = load_hr_latent(tmp_path / "one" / "0.safetensors")
+    assert relative_error(many, one) <= 1e-5
+    assert tuple(read_video(tmp_path / "many" / "0.mp4").shape) == (5, 128, 256, 3)
+
+
+def test_ulysses_without_torchrun_says_how_to_launch(files, tmp_path, caplog):
+    from pixelwizard_core.cli import main
+
+    argv = ["generate", "--text_encoder", str(files["text"]), "--vae_path", str(files["vae"]), "--lr_ckpt",
+            str(files["lr"]), "--hr_ckpt", str(files["hr"]), "--device", "cpu", "--prompt", "x",
+            "--video_dir", str(tmp_path), "--ulysses_size", "2"]
+    assert main(argv) == 2
+    assert "torchrun --nproc_per_node 2" in caplog.text

@@ -1,0 +1,216 @@
+"""The worker pool on CPU (2 gloo processes): results equal one process, models stay resident between
+jobs, interrupt, worker death, timeout, shutdown, and nothing listening beyond loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import handles, one_thread, relative_error, write_weights
+
+from pixelwizard_core.distributed.pool import JobInterrupted, JobTimeout, WorkerError, WorkerPool
+from pixelwizard_core.errors import ConfigError
+from pixelwizard_core.pipeline.handles import ModelHandle, load
+from pixelwizard_core.pipeline.presets import StageSettings
+from pixelwizard_core.pipeline.runner import DecodeSettings
+from pixelwizard_core.pipeline.stages import hr_latent, lr_anchor
+from pixelwizard_core.pipeline.tiled_decode import tiled_decode
+
+LR = StageSettings(128, 64, 5, 3, 5.0, 5.0)
+HR = StageSettings(256, 128, 5, 2, 5.5, 5.0)
+DECODE = DecodeSettings(num_patches=3, overlap=1)
+PROMPT = "a red fox in snow"
+
+
+def children() -> set[int]:
+    """Live (not yet reaped) child processes of this process."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid():
+                found.add(int(entry))
+    return found
+
+
+def listening_addresses(pids: list[int]) -> set[str]:
+    """'ip:port' (hex, as /proc/net shows them) of every TCP socket the processes listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:  # 0A: LISTEN
+                found.add(parts[1])
+    return found
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, ModelHandle]:
+    return handles(write_weights(tmp_path_factory.mktemp("pool_weights")))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    before = children()
+    pool = WorkerPool(2, ulysses=2, dit_fsdp=True, t5_fsdp=True, backend="gloo", threads=1, timeout=120)
+    yield pool
+    pids = pool.pids
+    pool.shutdown()
+    assert not pool.alive and children() <= before
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+@pytest.fixture(scope="module")
+def single(weights):
+    """The same stages in this process, one thread like each worker."""
+    cpu = torch.device("cpu")
+    with one_thread():
+        text = load(weights["text"], cpu).conditioning(PROMPT)
+        anchor = lr_anchor(load(weights["lr"], cpu), text, LR, 100)
+        latent = hr_latent(load(weights["hr"], cpu), anchor.latent, text, HR, 10000)
+    return {"text": text, "anchor": anchor, "latent": latent}
+
+
+def test_two_workers_equal_one_process_and_keep_their_models(pool, weights, single):
+    """Ulysses 2 + FSDP over 2 processes: text, anchor, HR latent within 1e-5 of one process, the split
+    decode equal to the one-process tiled decode; the second HR job loads nothing and repeats exactly."""
+    steps = []
+    text = pool.encode_text(weights["text"], PROMPT)
+    assert pool.last_report.loaded == ["text"]
+    assert torch.equal(text.positive, single["text"].positive) and torch.equal(text.negative, single["text"].negative)
+    anchor = pool.lr_anchor(weights["lr"], text, LR, 100, on_step=lambda done, total: steps.append((done, total)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert relative_error(anchor.latent, single["anchor"].latent) <= 1e-5
+    assert anchor.model == weights["lr"].identity and anchor.seed == 100
+    latent = pool.hr_latent(weights["hr"], single["anchor"], text, HR, 10000)
+    assert pool.last_report.loaded == ["hr"]
+    assert relative_error(latent, single["latent"]) <= 1e-5
+
+    again = pool.hr_latent(weights["hr"], single["anchor"], text, HR, 10000)
+    assert pool.last_report.loaded == [] and all(info["loaded"] == [] for info in pool.last_report.ranks)
+    assert torch.equal(again, latent)
+
+    video = pool.decode(weights["vae"], latent, DECODE)
+    with one_thread():
+        expected = tiled_decode(load(weights["vae"], torch.device("cpu")), latent, num_patches=3, overlap=1)
+    assert torch.equal(video, expected)
+
+
+def test_each_worker_holds_half_of_the_sharded_blocks(pool, weights, single):
+    pool.hr_latent(weights["hr"], single["anchor"], single["text"], HR, 10000)
+    reports = pool.describe()
+    assert [r["rank"] for r in reports] == [0, 1]
+    for role in ("hr", "text"):
+        held = [r["models"][role]["block_local"] for r in reports]
+        total = reports[0]["models"][role]["block_total"]
+        assert sum(held) == total and all(abs(h / total - 0.5) < 0.01 for h in held), (role, held, total)
+
+
+def test_only_loopback_listens(pool):
+    """The rendezvous store (in this process) and gloo's sockets (in the workers) listen on 127.0.0.1 only."""
+    pool.start()
+    store_port = f":{pool._store.port:04X}"
+    store = {a for a in listening_addresses([os.getpid()]) if a.endswith(store_port)}
+    workers = listening_addresses(pool.pids)
+    assert store and workers, (store, workers)
+    addresses = store | workers
+    loopback = ("0100007F:", "0000000000000000FFFF00000100007F:")  # 127.0.0.1, as IPv4 and IPv4-mapped IPv6
+    assert all(a.startswith(loopback) for a in addresses), addresses
+
+
+def test_interrupt_stops_within_a_step_and_the_pool_goes_on(pool, weights, single):
+    pids = pool.pids
+    seen = []
+
+    def on_step(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 2:
+            pool.interrupt()
+
+    settings = StageSettings(128, 64, 5, 40, 5.0, 5.0)
+    with pytest.raises(JobInterrupted, match=r"after step (\d+) of 40") as caught:
+        pool.lr_anchor(weights["lr"], single["text"], settings, 7, on_step=on_step)
+    stopped = int(__import__("re").search(r"after step (\d+)", str(caught.value)).group(1))
+    # asked when step 2 was reported: the step running then completes, the next one does not start
+    # (one more is allowed for the message crossing a finished step); never the remaining 37
+    assert 2 <= stopped <= 4 and max(seen) <= 4
+    assert pool.pids == pids and pool.alive
+    latent = pool.hr_latent(weights["hr"], single["anchor"], single["text"], HR, 10000)
+    assert relative_error(latent, single["latent"]) <= 1e-5
+
+    asked = []
+    with pytest.raises(JobInterrupted):  # the host's cancel flag, polled by the pool
+        pool.lr_anchor(weights["lr"], single["text"], settings, 7, on_step=lambda d, t: asked.append(d),
+                       should_stop=lambda: bool(asked))
+    assert pool.pids == pids and max(asked) < 40
+
+    class HostCancel(Exception):
+        pass
+
+    def cancel_from_progress(done: int, total: int) -> None:  # e.g. a host's "raise if interrupted" call
+        raise HostCancel
+
+    with pytest.raises(HostCancel):  # raised once the workers have stopped, not while they still run
+        pool.lr_anchor(weights["lr"], single["text"], settings, 7, on_step=cancel_from_progress)
+    assert pool.pids == pids
+    assert pool.hr_latent(weights["hr"], single["anchor"], single["text"], HR, 10000).shape == latent.shape
+
+
+def test_invalid_degree_is_refused_before_any_worker_starts(weights):
+    pool = WorkerPool(3, ulysses=3, backend="gloo")  # 3 does not divide the test model's 2 heads
+    text = None
+    with pytest.raises(ConfigError, match="use one of 1, 2 "):
+        pool.hr_latent(weights["hr"], torch.zeros(1, 48, 2, 4, 8), text, HR, 0)
+    assert not pool.alive and pool.pids == []
+    with pytest.raises(ConfigError, match="use ulysses 2"):
+        WorkerPool(2, ulysses=3, backend="gloo")
+    with pytest.raises(ConfigError, match="a 'vae' model"):
+        WorkerPool(2, backend="gloo").hr_latent(weights["vae"], torch.zeros(1, 48, 2, 4, 8), text, HR, 0)
+
+
+def test_dead_worker_fails_the_job_quickly_then_a_fresh_pool_runs(weights, single, tmp_path):
+    """A killed worker fails the running job with a clear error in seconds and leaves no process; the next
+    job starts fresh workers; a worker's own exception comes back as its message; a timeout tears down."""
+    before = children()
+    pool = WorkerPool(2, backend="gloo", threads=1)
+    long_run = StageSettings(128, 64, 5, 1000, 5.0, 5.0)
+
+    def kill_rank_1(done: int, total: int) -> None:
+        if done == 1:
+            os.kill(pool.pids[1], signal.SIGKILL)
+
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"worker 1 \(pid \d+\) failed during lr_anchor: it was killed by SIGKILL"):
+        pool.lr_anchor(weights["lr"], single["text"], long_run, 1, on_step=kill_rank_1)
+    assert time.monotonic() - start < 30
+    assert children() <= before and not pool.alive
+
+    moved = tmp_path / "gone.pt"
+    moved.write_bytes(Path(weights["hr"].path).read_bytes())
+    handle = ModelHandle.for_file("hr", moved, precision="fp32")
+    moved.unlink()  # the file disappears after the graph was built
+    with pytest.raises(WorkerError, match="failed during hr_latent: MissingFileError: .*gone.pt does not exist"):
+        pool.hr_latent(handle, single["anchor"], single["text"], HR, 0)
+    assert children() <= before
+
+    start = time.monotonic()
+    with pytest.raises(JobTimeout, match="did not finish within 1.5 s"):
+        pool.lr_anchor(weights["lr"], single["text"], long_run, 1, timeout=1.5)
+    assert time.monotonic() - start < 30 and children() <= before
+    pool.shutdown()
