@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -64,6 +65,7 @@ class Channel:
                         return
         except (EOFError, OSError):
             if not self.closing:  # the parent is gone: nobody can use our results, and nobody may wait on us
+                shutil.rmtree(self.folder, ignore_errors=True)  # it cannot clean up its tensor folder now
                 os._exit(3)
         except BaseException:  # an unreadable message: die visibly rather than leave the parent waiting
             log.exception("the pool worker could not read a message from its parent")
