@@ -18,14 +18,13 @@ import torch
 
 from ..errors import ConfigError
 from ..loading.folders import resolve
-from .handles import ModelHandle, check_kind, module_of
+from .handles import ROLES, ModelHandle, check_kind, module_of
 from .handles import load as load_handle
 
 log = logging.getLogger("pixelwizard")
 
 LOAD_MODES = ("auto", "resident", "reload")
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-ROLES = ("text", "lr", "hr", "vae")
 
 
 @dataclass(frozen=True)
