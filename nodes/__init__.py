@@ -11,6 +11,7 @@ from .anchors import (
 from .conditioning import PixelWizardTextEncode
 from .decode import PixelWizardDecodeToVideo, PixelWizardTiledDecode
 from .loaders import PixelWizardCheckpointLoader, PixelWizardWanLoader
+from .multigpu import PixelWizardMultiGPU, PixelWizardPoolShutdown
 from .sampling import PixelWizardHRSampler
 
 NODE_CLASS_MAPPINGS = {
@@ -26,6 +27,8 @@ NODE_CLASS_MAPPINGS = {
     "PixelWizardHRSampler": PixelWizardHRSampler,
     "PixelWizardTiledDecode": PixelWizardTiledDecode,
     "PixelWizardDecodeToVideo": PixelWizardDecodeToVideo,
+    "PixelWizardMultiGPU": PixelWizardMultiGPU,
+    "PixelWizardPoolShutdown": PixelWizardPoolShutdown,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -41,4 +44,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "PixelWizardHRSampler": "PixelWizard HR Sampler (2K/4K)",
     "PixelWizardTiledDecode": "PixelWizard Tiled Decode",
     "PixelWizardDecodeToVideo": "PixelWizard Decode to Video",
+    "PixelWizardMultiGPU": "PixelWizard Multi-GPU",
+    "PixelWizardPoolShutdown": "PixelWizard Multi-GPU Shutdown",
 }

@@ -15,7 +15,16 @@ from pixelwizard_core.pipeline.presets import LR_DEFAULTS, StageSettings, check_
 from pixelwizard_core.pipeline.stages import anchor_from_video, lr_anchor
 
 from . import host
-from .types import CATEGORY, PW_ANCHOR, PW_CONDITIONING, PW_STAGE_MODEL, PW_WAN, from_comfy_latent, to_comfy_latent
+from .types import (
+    CATEGORY,
+    PW_ANCHOR,
+    PW_CONDITIONING,
+    PW_STAGE_MODEL,
+    PW_WAN,
+    from_comfy_latent,
+    pool_input,
+    to_comfy_latent,
+)
 
 ANCHOR_FOLDER = Path("pixelwizard") / "anchors"
 SOLVERS = ["unipc", "euler"]
@@ -51,17 +60,23 @@ class PixelWizardAnchorSampler:
                                  "tooltip": "the reference uses base_seed + 100 for the first prompt"}),
                 "solver": (SOLVERS, {"default": "unipc", "tooltip": "unipc as the reference; euler for comparison"}),
             },
-            "optional": {"lr_model": (PW_STAGE_MODEL, {"tooltip": "PixelWizard lr/model.pt; default: the Wan2.2 base DiT"})},
+            "optional": {"lr_model": (PW_STAGE_MODEL, {"tooltip": "PixelWizard lr/model.pt; default: the Wan2.2 base DiT"}),
+                         **pool_input("anchor stage")},
         }
 
-    def sample(self, wan, conditioning, width, height, frames, steps, shift, cfg, seed, solver, lr_model=None):
+    def sample(self, wan, conditioning, width, height, frames, steps, shift, cfg, seed, solver, lr_model=None, pool=None):
         settings = StageSettings(width, height, frames, steps, shift, cfg, solver)
         handle = lr_model or wan.dit
         if handle.role != "lr":
             raise ConfigError("lr_model is an HR checkpoint; connect lr/model.pt (stage 'lr') or nothing")
-        with handles.opened(handle, host.device()) as dit:
-            anchor = lr_anchor(dit, conditioning, settings, seed, model_id=handle.identity, on_step=host.progress("anchor"))
-        host.free_memory()
+        if pool is not None:
+            anchor = pool.acquire().lr_anchor(handle, conditioning, settings, seed, **host.pool_control("anchor"))
+        else:
+            progress = host.progress("anchor", previews=True)
+            with handles.opened(handle, host.device()) as dit:
+                anchor = lr_anchor(dit, conditioning, settings, seed, model_id=handle.identity, on_step=progress,
+                                   on_preview=progress.preview)
+            host.free_memory()
         return anchor, to_comfy_latent(anchor.latent)
 
 

@@ -7,7 +7,7 @@ from pixelwizard_core.pipeline.presets import WAN_NEGATIVE_PROMPT
 from pixelwizard_core.pipeline.text import TextConditioning
 
 from . import host
-from .types import CATEGORY, PW_CONDITIONING, PW_WAN, context_from_native
+from .types import CATEGORY, PW_CONDITIONING, PW_WAN, context_from_native, pool_input
 
 
 class PixelWizardTextEncode:
@@ -30,15 +30,19 @@ class PixelWizardTextEncode:
             "optional": {
                 "positive": ("CONDITIONING", {"tooltip": "native umT5 conditioning; replaces the prompt"}),
                 "negative": ("CONDITIONING", {"tooltip": "native umT5 conditioning; replaces the negative prompt"}),
+                **pool_input("text encoder"),
             },
         }
 
-    def encode(self, wan, prompt, negative_prompt, positive=None, negative=None):
+    def encode(self, wan, prompt, negative_prompt, positive=None, negative=None, pool=None):
         negative_prompt = negative_prompt.strip() or WAN_NEGATIVE_PROMPT
         if positive is not None and negative is not None:
             return (TextConditioning(context_from_native(positive), context_from_native(negative), prompt, negative_prompt),)
-        with handles.opened(wan.text, host.device()) as encoder:
-            text = encoder.conditioning(prompt, negative_prompt).to("cpu")
+        if pool is not None:
+            text = pool.acquire().encode_text(wan.text, prompt, negative_prompt, **host.pool_control("text"))
+        else:
+            with handles.opened(wan.text, host.device()) as encoder:
+                text = encoder.conditioning(prompt, negative_prompt).to("cpu")
         if positive is not None:
             text.positive = context_from_native(positive)
         if negative is not None:

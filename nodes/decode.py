@@ -7,11 +7,12 @@ import torch
 from pixelwizard_core.io.video import VideoWriter
 from pixelwizard_core.pipeline import handles
 from pixelwizard_core.pipeline.jobs import output_path
+from pixelwizard_core.pipeline.runner import DecodeSettings
 from pixelwizard_core.pipeline.tiled_decode import tiled_decode_stream
 
 from . import host
 from .anchors import to_image
-from .types import CATEGORY, PW_WAN, from_comfy_latent
+from .types import CATEGORY, PW_WAN, from_comfy_latent, pool_input
 
 PATCH_DIMS = ["w", "h", "hw"]
 
@@ -27,9 +28,14 @@ def _decode_inputs() -> dict:
     }
 
 
-def _stream(wan, latent: dict, num_patches: int, patch_dim: str, overlap: int, blend: str, order: str):
-    """Decoded chunks [1, 3, n, H, W] in order; the VAE is on the device only while this runs."""
+def _stream(wan, latent: dict, num_patches: int, patch_dim: str, overlap: int, blend: str, order: str, pool=None):
+    """Decoded chunks [1, 3, n, H, W] in order; the VAE is on the device only while this runs. With a
+    pool the workers decode the tiles and the whole video comes back at once (it must fit in RAM)."""
     normalised = from_comfy_latent(latent)
+    if pool is not None:
+        settings = DecodeSettings(num_patches=num_patches, patch_dim=patch_dim, overlap=overlap, blend=blend)
+        yield pool.acquire().decode(wan.vae, normalised, settings, **host.pool_control("decode"))
+        return
     with handles.opened(wan.vae, host.device()) as vae:
         yield from tiled_decode_stream(vae, normalised, num_patches=num_patches, patch_dim=patch_dim, overlap=overlap,
                                        blend=blend, order=order, on_step=host.progress("decode"))
@@ -46,10 +52,10 @@ class PixelWizardTiledDecode:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": _decode_inputs()}
+        return {"required": _decode_inputs(), "optional": pool_input("decode (tiles split over the GPUs)")}
 
-    def decode(self, wan, latent, num_patches, patch_dim, overlap, blend):
-        chunks = [to_image(chunk) for chunk in _stream(wan, latent, num_patches, patch_dim, overlap, blend, "tile")]
+    def decode(self, wan, latent, num_patches, patch_dim, overlap, blend, pool=None):
+        chunks = [to_image(chunk) for chunk in _stream(wan, latent, num_patches, patch_dim, overlap, blend, "tile", pool)]
         return (torch.cat(chunks),)
 
 
@@ -70,14 +76,14 @@ class PixelWizardDecodeToVideo:
             "fps": ("INT", {"default": 24, "min": 1, "max": 120, "tooltip": "Wan2.2 generates 24 fps motion"}),
             "crf": ("INT", {"default": 10, "min": 0, "max": 51, "tooltip": "H.264 quality: 0 best .. 51 worst; 10 = reference quality"}),
         })
-        return {"required": inputs}
+        return {"required": inputs, "optional": pool_input("decode (tiles split over the GPUs)")}
 
-    def decode(self, wan, latent, num_patches, patch_dim, overlap, blend, filename_prefix, fps, crf):
+    def decode(self, wan, latent, num_patches, patch_dim, overlap, blend, filename_prefix, fps, crf, pool=None):
         target = host.output_dir() / filename_prefix
         path = output_path(target.parent, target.name, ".mp4", overwrite=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         with VideoWriter(path, fps=fps, crf=crf) as writer:
-            for chunk in _stream(wan, latent, num_patches, patch_dim, overlap, blend, "frame"):
+            for chunk in _stream(wan, latent, num_patches, patch_dim, overlap, blend, "frame", pool):
                 writer.append(chunk)
         relative = path.relative_to(host.output_dir())
         return {"ui": {"text": [str(relative)]}, "result": (host.video_output(path),)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,20 +76,54 @@ def check_interrupt() -> None:
         _mm.throw_exception_if_processing_interrupted()
 
 
-def progress(label: str) -> Callable[[int, int], None]:
-    """An on_step(done, total) callback: ComfyUI's progress bar (which is also an interrupt check)."""
-    bar = None
+class Progress:
+    """An on_step(done, total) callback for the library: ComfyUI's progress bar (which also checks for
+    Cancel) and, where the host has a previewer, a live preview of the latent being sampled."""
 
-    def on_step(done: int, total: int) -> None:
-        nonlocal bar
+    def __init__(self, label: str, previews: bool = False) -> None:
+        self.label = label
+        self.bar = None
+        self._previewer = _latent_previewer() if previews else None
+        self._pending_preview = None
+        # the library calls preview(x0) only when this is set, so without a previewer nothing is computed
+        self.preview = self._make_preview if self._previewer is not None else None
+
+    def __call__(self, done: int, total: int) -> None:
         check_interrupt()
         if _comfy_utils is not None:
-            bar = bar or _comfy_utils.ProgressBar(total)
-            bar.update_absolute(done, total)
+            self.bar = self.bar or _comfy_utils.ProgressBar(total)
+            self.bar.update_absolute(done, total, self._pending_preview)
         else:
-            log.debug("%s %d/%d", label, done, total)
+            log.debug("%s %d/%d", self.label, done, total)
+        self._pending_preview = None
 
-    return on_step
+    def _make_preview(self, latent: torch.Tensor) -> None:
+        self._pending_preview = self._previewer.decode_latent_to_preview_image("JPEG", latent[:1])
+
+
+def progress(label: str, previews: bool = False) -> Progress:
+    """Progress for a long node; ``previews``: also live latent previews (sampling nodes)."""
+    return Progress(label, previews)
+
+
+def pool_control(label: str) -> dict:
+    """Progress and Cancel for a job on the multi-GPU pool: Cancel is also polled while no step ends."""
+    return {"on_step": progress(label), "should_stop": check_interrupt}
+
+
+def _latent_previewer():
+    """ComfyUI's previewer for Wan2.2 latents (its latent format is normalised as ours), following the
+    user's preview setting; None outside ComfyUI or when previews are off."""
+    try:
+        import comfy.latent_formats
+        import latent_preview
+    except ImportError:
+        return None
+    try:
+        return latent_preview.get_previewer(device(), comfy.latent_formats.Wan22())
+    except Exception as error:  # a preview must never fail a run
+        log.warning("no latent previews: %s", error)
+        return None
 
 
 def free_memory() -> None:

@@ -8,7 +8,14 @@ from pixelwizard_core.pipeline.presets import HR_CFG, HR_PRESETS, StageSettings
 from pixelwizard_core.pipeline.stages import hr_latent
 
 from . import host
-from .types import CATEGORY, PW_ANCHOR, PW_CONDITIONING, PW_STAGE_MODEL, to_comfy_latent
+from .types import (
+    CATEGORY,
+    PW_ANCHOR,
+    PW_CONDITIONING,
+    PW_STAGE_MODEL,
+    pool_input,
+    to_comfy_latent,
+)
 
 PRESETS = [*HR_PRESETS, "custom"]
 
@@ -37,15 +44,20 @@ class PixelWizardHRSampler:
             "seed": ("INT", {"default": 10000, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
                              "tooltip": "the reference uses base_seed + 10000 for the first prompt"}),
             "solver": (["unipc", "euler", "shortcut"], {"default": "unipc", "tooltip": "unipc as the reference; shortcut is the paper's x + dt*v"}),
-        }}
+        }, "optional": pool_input("HR stage")}
 
-    def sample(self, hr_model, anchor, conditioning, preset, width, height, steps, shift, cfg, seed, solver):
+    def sample(self, hr_model, anchor, conditioning, preset, width, height, steps, shift, cfg, seed, solver, pool=None):
         if hr_model.role != "hr":
             raise ConfigError("hr_model is an LR checkpoint; load 2k/model.pt or 4k/model.pt with stage 'hr'")
         if preset != "custom":
             width, height, shift = HR_PRESETS[preset].width, HR_PRESETS[preset].height, HR_PRESETS[preset].shift
         settings = StageSettings(width, height, anchor.frames, steps, shift, cfg, solver)
-        with handles.opened(hr_model, host.device()) as model:
-            latent = hr_latent(model, anchor.latent, conditioning, settings, seed, on_step=host.progress("HR"))
-        host.free_memory()
+        if pool is not None:
+            latent = pool.acquire().hr_latent(hr_model, anchor, conditioning, settings, seed, **host.pool_control("HR"))
+        else:
+            progress = host.progress("HR", previews=True)
+            with handles.opened(hr_model, host.device()) as model:
+                latent = hr_latent(model, anchor.latent, conditioning, settings, seed, on_step=progress,
+                                   on_preview=progress.preview)
+            host.free_memory()
         return (to_comfy_latent(latent),)

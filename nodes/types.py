@@ -14,6 +14,7 @@ PW_WAN = "PW_WAN"  # the Wan2.2 base: DiT, VAE, text encoder handles
 PW_STAGE_MODEL = "PW_STAGE_MODEL"  # a PixelWizard LR or HR checkpoint handle
 PW_CONDITIONING = "PW_CONDITIONING"  # positive and negative text context
 PW_ANCHOR = "PW_ANCHOR"  # pixelwizard_core.pipeline.anchors.Anchor
+PW_POOL = "PW_POOL"  # pixelwizard_core.distributed.pool.PoolSpec: a multi-GPU worker pool, started on first use
 CATEGORY = "PixelWizard"
 
 
@@ -24,6 +25,11 @@ class WanModels:
     dit: ModelHandle | None
     vae: ModelHandle
     text: ModelHandle
+
+
+def pool_input(stage: str) -> dict:
+    """The optional multi-GPU input every heavy node takes (appended last: input order is frozen)."""
+    return {"pool": (PW_POOL, {"tooltip": f"from PixelWizard Multi-GPU: the {stage} runs on its worker processes"})}
 
 
 def to_comfy_latent(latent: torch.Tensor) -> dict:

@@ -272,6 +272,7 @@ TINY_WIDGETS = {  # class -> inputs that make a workflow run in seconds on a CPU
     "PixelWizardAnchorFromVideo": {"width": 128, "height": 64},
     "ImageFromBatch": {"length": 5},
     "PixelWizardDecodeToVideo": {"num_patches": 2, "overlap": 1},
+    "PixelWizardMultiGPU": {"ulysses": 1, "dit_fsdp": True},  # the tiny DiT has 1 head: FSDP and split tiles only
 }
 
 
@@ -300,6 +301,21 @@ def test_example_workflow_runs(server, name):
     from test_workflows import load
 
     run_workflow(server, load(name))
+
+
+def test_multi_gpu_workflow_runs_on_worker_processes_and_shuts_them_down(server):
+    """The pool's stages run in 2 gloo worker processes under the real host; the enabled shutdown node
+    (its 'after' input is ComfyUI's Any type, fed the VIDEO) stops them at the end."""
+    from test_workflows import ACTIVE, load, nodes_of
+
+    data = load("text_to_2k_video_multi_gpu")
+    for node in nodes_of(data, "PixelWizardPoolShutdown"):
+        node["mode"] = ACTIVE
+    outputs = run_workflow(server, data)
+    (shutdown,) = nodes_of(data, "PixelWizardPoolShutdown")
+    assert outputs[str(shutdown["id"])]["text"] == ["PixelWizard workers stopped"]
+    log = server.log.read_text(errors="replace")
+    assert "[pixelwizard worker 1]" in log and "shut down" in log  # the work ran in the workers
 
 
 def test_pick_an_anchor_workflow_both_steps(server):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from spm_support import train_umt5_like_spm
@@ -166,3 +168,68 @@ def test_bad_settings_are_refused_with_what_to_change(comfy_env):
         N["PixelWizardHRSampler"]().sample(checkpoint("lr"), anchor, text, "2k", 0, 0, 4, 5.5, 5.0, 1, "unipc")
     with pytest.raises(ConfigError, match="multiple of 32"):
         N["PixelWizardHRSampler"]().sample(checkpoint("hr"), anchor, text, "custom", 250, 128, 2, 5.5, 5.0, 1, "unipc")
+
+
+def test_samplers_send_live_previews_of_the_clean_latent(comfy_env, monkeypatch):
+    seen = []
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, fmt, x0):
+            seen.append((fmt, tuple(x0.shape)))
+            return (fmt, "image", 512)
+
+    monkeypatch.setattr(host, "_latent_previewer", lambda: Previewer())
+    wan = load_wan()
+    text = N["PixelWizardTextEncode"]().encode(wan, "a boat", "")[0]
+    anchor, _ = sample_anchor(wan, text)
+    assert seen == [("JPEG", (1, 48, 2, 4, 8))] * 3  # one preview per step, of the whole latent
+    seen.clear()
+    N["PixelWizardHRSampler"]().sample(checkpoint("hr"), anchor, text, "custom", 256, 128, 2, 5.5, 5.0, 1, "unipc")
+    assert seen == [("JPEG", (1, 48, 2, 8, 16))] * 2
+    # without a previewer (outside ComfyUI, or previews off) nothing is computed for them
+    assert host.progress("x", previews=False).preview is None
+
+
+def test_multi_gpu_node_checks_its_settings_without_starting_workers(monkeypatch):
+    from pixelwizard_core.distributed import pool as pool_module
+
+    monkeypatch.setattr(pool_module.WorkerPool, "start", lambda self: pytest.fail("a worker started"))
+    node = N["PixelWizardMultiGPU"]()
+    spec = node.configure("2", 2, True, False, "gloo", 5)[0]
+    assert (spec.devices, spec.ulysses, spec.dit_fsdp, spec.timeout) == (2, 2, True, 300.0)
+    assert node.configure("0, 2", 1, False, False, "gloo")[0].devices == (0, 2)
+    with pytest.raises(ConfigError, match="number of GPUs"):
+        node.configure("two", 1, False, False, "gloo")
+    with pytest.raises(ConfigError, match="use ulysses 3"):
+        node.configure("3", 2, False, False, "gloo")
+
+
+def test_full_graph_on_a_two_process_pool_equals_the_local_graph(comfy_env):
+    """Multi-GPU node -> text -> anchor -> HR -> decode on 2 gloo workers (FSDP of DiT and T5, tiles split; the
+    tiny DiT has 1 head, so no Ulysses: tests/test_pool.py covers it), against the same nodes without a pool;
+    then the shutdown node leaves no worker."""
+    from pixelwizard_core.distributed.pool import acquire
+
+    wan, hr_model = load_wan(), checkpoint("hr")
+    spec = N["PixelWizardMultiGPU"]().configure("2", 1, True, True, "gloo", 2)[0]
+    results = {}
+    for name, pool in (("local", None), ("pool", spec)):
+        text = N["PixelWizardTextEncode"]().encode(wan, "a red fox", "", None, None, pool)[0]
+        anchor, _ = N["PixelWizardAnchorSampler"]().sample(wan, text, 128, 64, 5, 3, 5.0, 5.0, 7, "unipc", None, pool)
+        hr = N["PixelWizardHRSampler"]().sample(hr_model, anchor, text, "custom", 256, 128, 2, 5.5, 5.0, 9, "unipc",
+                                                pool)[0]
+        frames = N["PixelWizardTiledDecode"]().decode(wan, hr, 2, "w", 1, "cosine", pool)[0]
+        results[name] = (text.positive, anchor.latent, hr["samples"], frames)
+    for ours, theirs in zip(results["pool"], results["local"]):
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max() + 1e-6
+    workers = acquire(2, ulysses=1, dit_fsdp=True, t5_fsdp=True, backend="gloo", timeout=120.0)
+    pids = workers.pids
+    assert len(pids) == 2 and workers.alive  # the nodes shared one running pool
+    N["PixelWizardPoolShutdown"]().shutdown(spec, after=results["pool"][3])
+    assert not workers.alive and not any(os.path.exists(f"/proc/{pid}") and _running(pid) for pid in pids)
+
+
+def _running(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-EXPECTED = {"text_to_2k_video", "text_to_4k_video", "pick_an_anchor", "video_to_2k"}
+EXPECTED = {"text_to_2k_video", "text_to_4k_video", "pick_an_anchor", "video_to_2k", "text_to_2k_video_multi_gpu"}
+ANY = "*"  # an input of this type accepts any link (ComfyUI's legacy 'Any' type)
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 ACTIVE, MUTED, BYPASSED = 0, 2, 4
@@ -202,7 +203,7 @@ def check_workflow(data: dict) -> list[str]:
             problems.append(f"{where}: node {dst} input {dst_slot} holds link {entry.get('link')}")
         if dst in specs:
             declared = {n: k for n, k, _ in sockets(specs[dst])}
-            if declared.get(entry.get("name")) != link_type:
+            if declared.get(entry.get("name")) not in (link_type, ANY):
                 problems.append(f"{where}: {link_type} into {nodes[dst]['type']}.{entry.get('name')} "
                                 f"({declared.get(entry.get('name'))})")
         if nodes[src].get("mode", ACTIVE) != ACTIVE and nodes[dst].get("mode", ACTIVE) == ACTIVE:
@@ -277,6 +278,7 @@ def test_model_files_use_the_published_names(path):
 
 
 @pytest.mark.parametrize("name,preset", [("text_to_2k_video", "2k"), ("text_to_4k_video", "4k"),
+                                         ("text_to_2k_video_multi_gpu", "2k"),
                                          ("pick_an_anchor", "2k"), ("video_to_2k", "2k")])
 def test_hr_stage_matches_its_preset_checkpoint_and_decode(name, preset):
     from pixelwizard_core.pipeline.presets import HR_PRESETS
@@ -324,11 +326,26 @@ def test_video_to_2k_builds_the_anchor_from_loaded_frames():
     assert api[hr["inputs"]["anchor"][0]]["class_type"] == "PixelWizardAnchorFromVideo"
 
 
+def test_multi_gpu_workflow_runs_every_heavy_stage_on_the_pool():
+    data = load("text_to_2k_video_multi_gpu")
+    api = to_api_prompt(data)
+    (pool_key,) = [k for k, v in api.items() if v["class_type"] == "PixelWizardMultiGPU"]
+    on_pool = {v["class_type"] for v in api.values() if v["inputs"].get("pool") == [pool_key, 0]}
+    assert on_pool == {"PixelWizardTextEncode", "PixelWizardAnchorSampler", "PixelWizardHRSampler",
+                       "PixelWizardDecodeToVideo"}
+    pool = api[pool_key]["inputs"]
+    assert pool["ulysses"] == int(pool["devices"])  # Ulysses over every GPU, the fast setting
+    # the shutdown node is there but bypassed: workers stay up with their models between runs
+    (shutdown,) = nodes_of(data, "PixelWizardPoolShutdown")
+    assert shutdown["mode"] == BYPASSED and str(shutdown["id"]) not in api
+
+
 def test_api_prompt_names_every_input_once():
     api = to_api_prompt(load("text_to_2k_video"))
     hr = next(v for v in api.values() if v["class_type"] == "PixelWizardHRSampler")
     assert hr["inputs"]["seed"] == 10000 and hr["inputs"]["solver"] == "unipc" and "seed:control" not in hr["inputs"]
-    assert set(hr["inputs"]) == {n for n, _, _ in node_spec("PixelWizardHRSampler")["inputs"]}
+    declared = node_spec("PixelWizardHRSampler")["inputs"]
+    assert set(hr["inputs"]) == {n for n, _, options in declared if not options.get("optional")}  # pool unconnected
     assert "Note" not in {v["class_type"] for v in api.values()}
 
 

@@ -73,7 +73,8 @@ StopCheck = Callable[[], bool]
 POLL_S = 0.1
 STOP_GRACE_S = 5.0
 
-__all__ = ["WorkerPool", "WorkerError", "JobTimeout", "JobInterrupted", "acquire", "shutdown_all"]
+__all__ = ["WorkerPool", "PoolSpec", "WorkerError", "JobTimeout", "JobInterrupted", "acquire", "shutdown_all",
+           "parse_devices"]
 
 
 class WorkerError(PixelWizardError, RuntimeError):
@@ -458,7 +459,7 @@ def _worker_environment(threads: int) -> dict[str, str]:
 
 # --- shared pools ------------------------------------------------------------------------------
 
-_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 _shared: dict[str, WorkerPool] = {}
 _shared_lock = threading.Lock()
 
@@ -476,6 +477,42 @@ def acquire(devices: int | Sequence[int] = 2, **options) -> WorkerPool:
             current.shutdown()
         _shared["pool"] = wanted
         return wanted
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A pool's configuration, checked when made, that starts nothing: what a ComfyUI socket carries.
+    :meth:`acquire` gives the process-wide pool of this configuration when a job needs it."""
+
+    devices: int | tuple[int, ...] = 2
+    ulysses: int = 1
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
+    backend: str = "auto"
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        backend = resolve_backend(self.backend)
+        ParallelConfig(self.ulysses, self.dit_fsdp, self.t5_fsdp).check(len(_device_ids(self.devices, backend)))
+
+    def acquire(self) -> WorkerPool:
+        return acquire(self.devices, ulysses=self.ulysses, dit_fsdp=self.dit_fsdp, t5_fsdp=self.t5_fsdp,
+                       backend=self.backend, timeout=self.timeout)
+
+
+def parse_devices(text: str) -> int | tuple[int, ...]:
+    """"2" -> two workers (GPUs 0 and 1); "0,2,3" -> those GPU indices; refused with what to type."""
+    text = text.strip()
+    try:
+        if "," not in text:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            return count
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"devices {text!r}: type a number of GPUs (e.g. 2) or a list of GPU indices "
+                          "(e.g. 0,1,3)") from None
 
 
 def shutdown_all() -> None:

@@ -10,6 +10,8 @@ from ..sampling import Schedule, classifier_free_guidance, make_solver
 
 # (step done, total steps); raising from it stops the loop (interrupt)
 StepCallback = Callable[[int, int], None]
+# the current estimate of the clean latent (x - sigma * v, float32, on the device): for live previews
+PreviewCallback = Callable[[torch.Tensor], None]
 # (latent batch [B, ...], context batch [B, rows, dim], step index) -> velocity [B, ...]
 ModelCall = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -51,12 +53,18 @@ def denoise(
     solver: str,
     batch_cfg: bool = False,
     on_step: StepCallback | None = None,
+    on_preview: PreviewCallback | None = None,
 ) -> torch.Tensor:
-    """Integrate the flow from ``noise`` along ``schedule``; returns the clean latent (float32)."""
+    """Integrate the flow from ``noise`` along ``schedule``; returns the clean latent (float32).
+
+    Nothing in the loop waits for the device (sigmas and solver coefficients are CPU numbers); only a
+    preview callback that reads its tensor does."""
     stepper = make_solver(solver, schedule)
     x = noise
     for index in range(schedule.steps):
         velocity = guided_velocity(call, x, positive, negative, index, cfg, batch_cfg)
+        if on_preview is not None:
+            on_preview(x - float(schedule.sigmas[index]) * velocity)
         x = stepper.step(index, velocity, x)
         if on_step is not None:
             on_step(index + 1, schedule.steps)

@@ -11,7 +11,7 @@ from ..models.hr import WanHRDiT
 from ..models.parallel import SequenceParallel
 from ..sampling import flow_schedule
 from .anchors import Anchor
-from .loop import StepCallback, denoise, make_noise
+from .loop import PreviewCallback, StepCallback, denoise, make_noise
 from .presets import LATENT_CHANNELS, StageSettings, check_stage, latent_frames
 from .text import TextConditioning
 
@@ -29,6 +29,7 @@ def lr_anchor(
     model_id: str = "",
     batch_cfg: bool = True,
     on_step: StepCallback | None = None,
+    on_preview: PreviewCallback | None = None,
     sp: SequenceParallel | None = None,
 ) -> Anchor:
     """Sample the low-resolution anchor with the base DiT or the PixelWizard LR model (``sp``: tokens split
@@ -43,7 +44,8 @@ def lr_anchor(
 
     text = text.to(device)
     latent = denoise(call, make_noise(settings.latent_shape, seed, device), schedule, text.positive, text.negative,
-                     cfg=settings.cfg, solver=settings.solver, batch_cfg=batch_cfg, on_step=on_step)
+                     cfg=settings.cfg, solver=settings.solver, batch_cfg=batch_cfg, on_step=on_step,
+                     on_preview=on_preview)
     return Anchor(latent=latent.cpu(), prompt=text.prompt, negative_prompt=text.negative_prompt, seed=seed,
                   width=settings.width, height=settings.height, frames=settings.frames, steps=settings.steps,
                   shift=settings.shift, cfg=settings.cfg, solver=settings.solver, model=model_id)
@@ -77,6 +79,7 @@ def hr_latent(
     *,
     batch_cfg: bool = False,
     on_step: StepCallback | None = None,
+    on_preview: PreviewCallback | None = None,
     sp: SequenceParallel | None = None,
 ) -> torch.Tensor:
     """Sample the HR latent [1, 48, T, H/16, W/16] from pure noise, guided by the anchor in both CFG branches
@@ -98,7 +101,8 @@ def hr_latent(
 
     text = text.to(device)
     return denoise(call, make_noise(settings.latent_shape, seed, device), schedule, text.positive, text.negative,
-                   cfg=settings.cfg, solver=settings.solver, batch_cfg=batch_cfg, on_step=on_step).cpu()
+                   cfg=settings.cfg, solver=settings.solver, batch_cfg=batch_cfg, on_step=on_step,
+                   on_preview=on_preview).cpu()
 
 
 def anchor_from_video(vae, frames: torch.Tensor, width: int, height: int, **metadata) -> Anchor:
