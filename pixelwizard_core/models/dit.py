@@ -4,8 +4,10 @@ Keys and shapes are the official ones (tests/manifests/wan2.2_ti2v_5b_dit.json).
 official bf16 pipeline (PixelWizard always converts the DiT to bf16): Linears compute in the parameter
 dtype, the time embedding, modulation, norms and head in float32, the residual stream in float32.
 
-Deviation for memory: one timestep per sample gives one modulation row that is broadcast over the
-tokens, instead of the official per-token copies (8 GB at 2K, 18 GB at 4K); the values are identical.
+Deviations for memory, with identical values: one timestep per sample gives one modulation row that is
+broadcast over the tokens, instead of the official per-token copies (8 GB at 2K, 18 GB at 4K); and at
+inference the FFN runs over the tokens in chunks, so its [L, ffn_dim] hidden layer and GELU output (6.4 GB
+at 2K, 14 GB at 4K in bf16) never exist whole.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from .attention import attention, resolve_backend
 from .layers import Conv3d, FP32Linear, LayerNorm, Linear, RMSNorm, mlp, sinusoidal_embedding
 from .parallel import SequenceParallel, check_degree, shard_tokens
 from .rope import apply_rope, rope_cos_sin
+
+FFN_CHUNK_BYTES = 512 * 2**20  # budget of one FFN chunk's hidden layer and GELU output at inference
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class TokenState:
     seq_len: int  # true token count (keys beyond it are padding)
     sp: SequenceParallel | None
     attn_backend: str
+    ffn_chunk: int = 0  # tokens per FFN chunk; 0: the whole sequence at once
 
 
 class SelfAttention(nn.Module):
@@ -117,8 +122,17 @@ class AttentionBlock(nn.Module):
         y = self.self_attn(self.norm1(x).float() * (1 + mod[1]) + mod[0], state)
         x = x + y * mod[2]
         x = x + self.cross_attn(self.norm3(x), state.context, state.attn_backend)
-        y = self.ffn(self.norm2(x).float() * (1 + mod[4]) + mod[3])
-        return x + y * mod[5]
+        if not state.ffn_chunk or x.shape[1] <= state.ffn_chunk:
+            return self._ffn_residual(x, *mod[3:])
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[1], state.ffn_chunk):
+            part = slice(start, start + state.ffn_chunk)
+            rows = (m if m.shape[1] == 1 else m[:, part] for m in mod[3:])  # per-token modulation is sliced too
+            out[:, part] = self._ffn_residual(x[:, part], *rows)
+        return out
+
+    def _ffn_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(self.norm2(x).float() * (1 + scale) + shift) * gate
 
 
 class Head(nn.Module):
@@ -144,6 +158,7 @@ class WanDiT(nn.Module):
             raise ConfigError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
         self.config = config
         self.attn_backend = "auto"
+        self.ffn_chunk_bytes = FFN_CHUNK_BYTES  # 0: never chunk (the straightforward path)
         self.patch_embedding = Conv3d(config.in_dim, config.dim, config.patch_size, stride=config.patch_size)
         self.text_embedding = mlp(config.text_dim, config.dim, nn.GELU(approximate="tanh"))
         self.time_embedding = mlp(config.freq_dim, config.dim, nn.SiLU(), FP32Linear)
@@ -157,6 +172,20 @@ class WanDiT(nn.Module):
         Checked now against the device the weights are on, so a wrong choice fails before sampling."""
         resolve_backend(backend, self.patch_embedding.weight.device)
         self.attn_backend = backend
+
+    def ffn_chunk_tokens(self, batch: int) -> int:
+        """Tokens per FFN chunk within ``ffn_chunk_bytes`` (0: no chunking). Training keeps whole
+        sequences: autograd saves every chunk's activations anyway."""
+        if not self.ffn_chunk_bytes or torch.is_grad_enabled():
+            return 0
+        width = self.blocks[0].ffn[0].weight if len(self.blocks) else self.head.head.weight
+        per_token = 2 * batch * self.config.ffn_dim * max(width.element_size(), 2)  # hidden + GELU output
+        return max(1, self.ffn_chunk_bytes // per_token)
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each transformer block (same weights and numerics; the first call compiles)."""
+        for block in self.blocks:
+            block.compile(**options)
 
     # --- embeddings -------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -226,6 +255,7 @@ class WanDiT(nn.Module):
             seq_len=seq_len,
             sp=sp,
             attn_backend=self.attn_backend,
+            ffn_chunk=self.ffn_chunk_tokens(tokens.shape[0]),
         )
         block_inputs = block_inputs or {}
         for index, block in enumerate(self.blocks):
