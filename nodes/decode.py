@@ -21,7 +21,8 @@ def _decode_inputs() -> dict:
     return {
         "wan": (PW_WAN, {"tooltip": "its VAE decodes"}),
         "latent": ("LATENT", {"tooltip": "Wan2.2 5B latent, e.g. from PixelWizard HR Sampler"}),
-        "num_patches": ("INT", {"default": 3, "min": 1, "max": 16, "tooltip": "tiles per axis: 3 for 2K, 4 for 4K (reference)"}),
+        "num_patches": ("INT", {"default": 3, "min": 0, "max": 16,
+                                "tooltip": "tiles per axis: 3 for 2K, 4 for 4K (reference); 0: as few as fit the GPU's free memory"}),
         "patch_dim": (PATCH_DIMS, {"default": "w", "tooltip": "split along width, height, or both (grid)"}),
         "overlap": ("INT", {"default": 3, "min": 0, "max": 32, "tooltip": "latent columns added on each inner tile side"}),
         "blend": (["cosine", "reference"], {"default": "cosine", "tooltip": "cosine weights sum to 1; reference = the original masks"}),

@@ -76,7 +76,7 @@ def test_reference_tile_plans_2k_4k():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_patches=25), "more than the latent's 24 width"),
-    (dict(num_patches=0), "at least 1"),
+    (dict(num_patches=-1), "at least 1"),
     (dict(overlap=-1), "overlap must be 0 or more"),
     (dict(patch_dim="x"), "patch_dim"),
     (dict(num_patches=(2, 2)), "must be an int"),

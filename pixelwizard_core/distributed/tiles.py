@@ -10,25 +10,47 @@ counts, by about 1e-6).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from ..errors import ConfigError
 from ..models.vae import WanVAE
+from ..pipeline.decode_budget import choose_tiles, preset_tiles
 from ..pipeline.runner import DecodeSettings
-from ..pipeline.tiled_decode import SCALE, BlendPlan, blend_plan
+from ..pipeline.tiled_decode import AUTO_PATCHES, SCALE, BlendPlan, blend_plan
+
+log = logging.getLogger("pixelwizard")
 
 TileCallback = Callable[[int, int], None]  # (tile-frames done, total) on this rank
 
 
-def plan_for_latent(latent: torch.Tensor, settings: DecodeSettings) -> BlendPlan:
-    """The blend plan of ``latent`` [B, 48, T, h, w] (arguments checked here, before any decoding)."""
+def plan_for_latent(latent: torch.Tensor, settings: DecodeSettings, *, budget_bytes: int | None = None,
+                    vae_precision: str = "fp32") -> BlendPlan:
+    """The blend plan of ``latent`` [B, 48, T, h, w] (arguments checked here, before any decoding).
+
+    ``settings.num_patches == 0`` (automatic) must resolve to the same plan in every process that calls
+    this (the parent and each rank), so it never reads the local device: without ``budget_bytes`` it is
+    the reference's default for the latent's size (3 at 2K, 4 at 4K, else 1, along the width); with it,
+    the fewest tiles of which ONE fits the budget in tile order, since each rank decodes its tiles one
+    at a time (a caller passing it must give every process the same figure, e.g. the smallest rank's
+    ``decode_budget.free_device_bytes``).
+    """
     if not torch.is_tensor(latent) or latent.dim() != 5:
         shape = tuple(latent.shape) if torch.is_tensor(latent) else type(latent).__name__
         raise ConfigError(f"tiled decode expects a latent [B, 48, T, h, w], got {shape}")
-    return blend_plan(tuple(latent.shape[-2:]), settings.num_patches, settings.patch_dim, settings.overlap,
-                      settings.blend)
+    latent_hw = tuple(latent.shape[-2:])
+    num_patches, patch_dim = settings.num_patches, settings.patch_dim
+    if isinstance(num_patches, int) and not isinstance(num_patches, bool) and num_patches == AUTO_PATCHES:
+        if budget_bytes is None:
+            choice = preset_tiles(latent_hw, vae_precision=vae_precision, overlap=settings.overlap, order="tile")
+        else:
+            choice = choose_tiles(latent_hw, budget_bytes // latent.shape[0], vae_precision=vae_precision,
+                                  overlap=settings.overlap, order="tile")
+        num_patches, patch_dim = choice.num_patches, choice.patch_dim
+        log.debug("multi-process decode tiles (auto): %s", choice.describe())
+    return blend_plan(latent_hw, num_patches, patch_dim, settings.overlap, settings.blend)
 
 
 def tiles_of_rank(num_tiles: int, rank: int, world_size: int) -> list[int]:

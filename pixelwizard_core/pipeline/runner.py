@@ -32,6 +32,10 @@ log = logging.getLogger("pixelwizard")
 class DecodeSettings:
     """Tiled decode and video output: reference defaults are 3 (2K) / 4 (4K) patches along width, overlap 3."""
 
+    # 0 = automatic (tiled_decode_stream / decode_budget.py): the fewest tiles whose estimated memory fits
+    # what is free on the VAE's device when the decode starts (then patch_dim is chosen too, and order
+    # "frame" may fall back to "tile"); without a budget (CPU) the reference's 3 at 2K, 4 at 4K, else 1.
+    # Multi-process decodes resolve 0 to those defaults on every rank (distributed/tiles.py).
     num_patches: int = 3
     patch_dim: str = "w"
     overlap: int = 3

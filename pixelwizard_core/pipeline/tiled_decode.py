@@ -26,6 +26,8 @@ max |tiled - untiled| on a [-1, 1] scale: 0.305 with overlap 3 (mean 0.020), 0.6
 (mean 0.046); the same for both blends, whose means differ by 4%. Most of that error is away from the
 seams (attention), so it says little about the real VAE, for which no figure is measured yet.
 
+``num_patches=0`` picks the tiles from the memory free on the VAE's device (``decode_budget.py``).
+
 Two orders, same output bit for bit:
 
 * ``order="frame"`` (default, streaming): all tiles are decoded in lockstep, latent frame by latent
@@ -58,6 +60,7 @@ SCALE = 16  # Wan2.2 VAE: 8x in the decoder, 2x in the unpatchify
 PATCH_DIMS = ("w", "h", "hw")
 BLEND_MODES = ("cosine", "reference")
 ORDERS = ("frame", "tile")
+AUTO_PATCHES = 0  # num_patches that asks for tiles chosen from free memory (decode_budget.py)
 WEIGHT_BITS = 12  # cosine weights are multiples of 2**-12: products of two fit float32's 24-bit mantissa
 
 
@@ -144,7 +147,8 @@ def _axis_ranges(latent_hw: tuple[int, int], num_patches: int | Sequence[int], p
     axis_ranges = []
     for axis, length, n, ov in zip(("height", "width"), latent_hw, counts, overlaps):
         if n < 1:
-            raise ConfigError(f"num_patches must be at least 1, got {n} along {axis}")
+            raise ConfigError(f"num_patches must be at least 1, got {n} along {axis} (only a decode's "
+                              "num_patches=0, one int, means automatic tiles)")
         if n > length:
             raise ConfigError(
                 f"num_patches={n} along {axis} is more than the latent's {length} {axis} positions "
@@ -246,17 +250,23 @@ def tiled_decode_stream(vae: WanVAE, latent: torch.Tensor, num_patches: int | Se
                         order: str = "frame") -> Iterator[torch.Tensor]:
     """Decode a normalised latent [B, 48, T, h, w] tile by tile; yields blended frames in order.
 
+    ``num_patches=0`` chooses the tiles automatically (:mod:`.decode_budget`): the fewest whose estimated
+    memory fits what is free on the VAE's device now (CUDA), or the reference's defaults where there is
+    no budget (CPU: 3 at 2K, 4 at 4K, else 1, along the width). Then ``patch_dim`` is chosen too (the
+    given one is ignored), ``overlap`` must be one int, and ``order="frame"`` may fall back to "tile"
+    when no frame-order tiling fits; the choice is logged.
+
     Each yielded chunk is float32 [B, 3, n, 16h, 16w] in [-1, 1] (n = 1 for the first latent frame, 4
     after), on the VAE's device for ``order="frame"`` and on the CPU for ``order="tile"`` (see the module
     docstring for their memory). ``on_step(done, total)`` runs after every tile of every latent frame
     (total = T * tiles); an exception raised there (an interrupt) stops the decode and frees its state.
     Arguments are checked now, before any decoding.
     """
-    if not torch.is_tensor(latent) or latent.dim() != 5:
-        shape = tuple(latent.shape) if torch.is_tensor(latent) else type(latent).__name__
-        raise ConfigError(f"tiled decode expects a latent [B, 48, T, h, w], got {shape}")
+    _check_latent(latent)
     if order not in ORDERS:
         raise ConfigError(f"order must be one of {ORDERS} (lockstep streaming, or one tile at a time), got {order!r}")
+    if isinstance(num_patches, int) and not isinstance(num_patches, bool) and num_patches == AUTO_PATCHES:
+        num_patches, patch_dim, order = _auto(vae, latent, overlap, order)
     plan = blend_plan(tuple(latent.shape[-2:]), num_patches, patch_dim, overlap, blend)
     streams = []
     for tile in plan.tiles:
@@ -266,6 +276,23 @@ def tiled_decode_stream(vae: WanVAE, latent: torch.Tensor, num_patches: int | Se
     if order == "tile":
         return _tile_by_tile(streams, plan.to(vae.device), latent.shape[2], on_step)
     return _lockstep(streams, plan.to(vae.device), latent.shape[2], on_step)
+
+
+def _check_latent(latent: torch.Tensor) -> None:
+    if not torch.is_tensor(latent) or latent.dim() != 5:
+        shape = tuple(latent.shape) if torch.is_tensor(latent) else type(latent).__name__
+        raise ConfigError(f"tiled decode expects a latent [B, 48, T, h, w], got {shape}")
+
+
+def _auto(vae: WanVAE, latent: torch.Tensor, overlap: int | Sequence[int], order: str
+          ) -> tuple[int | tuple[int, int], str, str]:
+    """(num_patches, patch_dim, order) chosen for this latent on the VAE's device, now."""
+    from . import decode_budget  # here: decode_budget imports doctor, which imports this module
+
+    choice = decode_budget.auto_tiles(tuple(latent.shape[-2:]), vae.device,
+                                      vae_precision=decode_budget.vae_precision_of(vae.dtype), overlap=overlap,
+                                      order=order, batch=latent.shape[0])
+    return choice.num_patches, choice.patch_dim, choice.order
 
 
 def _lockstep(streams: list[Iterator[torch.Tensor]], plan: BlendPlan, latent_frames: int,
@@ -334,9 +361,11 @@ def tiled_decode(vae: WanVAE, latent: torch.Tensor, num_patches: int | Sequence[
                  on_step: Callable[[int, int], None] | None = None, order: str = "frame") -> torch.Tensor:
     """The whole tiled decode in memory: video [B, 3, 4(T-1)+1, 16h, 16w] float32 on the VAE's device
     (see tiled_decode_stream)."""
-    stream = tiled_decode_stream(vae, latent, num_patches, patch_dim, overlap, blend, on_step, order)
+    _check_latent(latent)
     batch, _, frames, height, width = latent.shape
+    # allocated first, so that automatic tiles (num_patches=0) see its memory as taken
     video = torch.empty(batch, 3, 4 * (frames - 1) + 1, height * SCALE, width * SCALE, device=vae.device)
+    stream = tiled_decode_stream(vae, latent, num_patches, patch_dim, overlap, blend, on_step, order)
     done = 0
     for chunk in stream:
         video[:, :, done:done + chunk.shape[2]] = chunk

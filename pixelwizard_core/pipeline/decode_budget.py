@@ -1,0 +1,204 @@
+"""Decode tiles chosen from a memory budget: ``num_patches=0`` ("auto") in the tiled decode.
+
+:func:`choose_tiles` returns the fewest tiles whose estimated working memory
+(:func:`pixelwizard_core.doctor.decode_bytes`, BENCHMARKS.md "Peak memory estimate") fits a budget. The
+candidates, in order of preference:
+
+1. frame order (streaming, every tile's causal cache on the device): 1 tile; then n tiles along the
+   longer axis and grids of r x c tiles, fewest tiles first (at equal count a single axis before a grid,
+   then the smaller estimate);
+2. only when none of those fits (and frame order was asked for): the same in tile order, which keeps one
+   tile's cache on the device and the whole video's canvas in host memory.
+
+In frame order more tiles stop helping early: the caches of all tiles add up to about one untiled
+decode's whatever the count, only the transient of the largest tile shrinks. That is why tile order is
+the last resort rather than "more tiles".
+
+Smallest tile: a tile's own share of an axis (``length // n`` latent positions, before the overlaps are
+added) must be at least ``max(MIN_TILE_LATENT, 2 * overlap)``. ``2 * overlap`` keeps the two blend bands
+of a tile apart, so every pixel is shared by at most two tiles along an axis; ``MIN_TILE_LATENT`` = 16
+(256 pixels) is about the decoder's convolution reach past a cut (``decoder_halo()`` = 276 pixels), below
+which most of a tile would be border, and it caps the re-decoded overlap at 2 * 3 / 16 = 37.5% extra
+work per tile with the default overlap 3.
+
+:func:`free_device_bytes` is the budget on CUDA; on other devices there is none and "auto" means the
+reference's defaults (:func:`preset_tiles`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..doctor import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, decode_bytes
+from ..errors import ConfigError
+from .presets import HR_PRESETS
+from .tiled_decode import AUTO_PATCHES, ORDERS, SCALE
+
+log = logging.getLogger("pixelwizard")
+
+__all__ = ["AUTO_PATCHES", "MIN_TILE_LATENT", "TileChoice", "auto_tiles", "candidates", "choose_tiles",
+           "free_device_bytes", "max_patches", "min_tile", "preset_tiles", "vae_precision_of"]
+
+MIN_TILE_LATENT = 16  # latent positions (256 pixels): see the module docstring
+
+
+@dataclass(frozen=True)
+class TileChoice:
+    """Tiles for a decode: arguments of ``tiled_decode_stream`` and the estimate they were chosen by."""
+
+    num_patches: int | tuple[int, int]
+    patch_dim: str
+    order: str
+    estimated_bytes: int
+
+    @property
+    def count(self) -> int:
+        if isinstance(self.num_patches, tuple):
+            return self.num_patches[0] * self.num_patches[1]
+        return self.num_patches
+
+    def describe(self) -> str:
+        if self.count == 1:
+            layout = "1 tile (untiled)"
+        elif self.patch_dim == "hw":
+            layout = f"{self.num_patches[0]}x{self.num_patches[1]} grid of tiles"
+        else:
+            layout = f"{self.num_patches} tiles along {'width' if self.patch_dim == 'w' else 'height'}"
+        return f"{layout}, {self.order} order, about {self.estimated_bytes / GIB:.1f} GiB"
+
+
+def vae_precision_of(dtype: torch.dtype) -> str:
+    """The ``vae_precision`` name of doctor's estimate for a VAE of this dtype."""
+    return "fp32" if torch.empty((), dtype=dtype).element_size() >= 4 else "bf16"
+
+
+def min_tile(overlap: int) -> int:
+    """Smallest share of an axis one tile may get, in latent positions (see the module docstring)."""
+    return max(MIN_TILE_LATENT, 2 * overlap)
+
+
+def max_patches(length: int, overlap: int) -> int:
+    """Most tiles an axis of ``length`` latent positions may be cut into (``length // n >= min_tile``)."""
+    return max(1, length // min_tile(overlap))
+
+
+def _layouts(latent_hw: tuple[int, int], overlap: int) -> Iterator[tuple[int | tuple[int, int], str]]:
+    """(num_patches, patch_dim) of every allowed layout: 1 tile, the longer axis, then grids."""
+    height, width = latent_hw
+    yield 1, "w"
+    long_dim, long_len = ("w", width) if width >= height else ("h", height)
+    for n in range(2, max_patches(long_len, overlap) + 1):
+        yield n, long_dim
+    for rows in range(2, max_patches(height, overlap) + 1):
+        for cols in range(2, max_patches(width, overlap) + 1):
+            yield (rows, cols), "hw"
+
+
+def _check_overlap(overlap: object) -> None:
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise ConfigError(f"automatic tiles (num_patches=0) need one overlap of 0 or more latent positions for "
+                          f"both axes, got {overlap!r}; give an int, or choose num_patches yourself")
+
+
+def candidates(latent_hw: tuple[int, int], *, vae_precision: str, overlap: int = 3,
+               order: str = "frame") -> list[TileChoice]:
+    """Every allowed choice, most preferred first (see the module docstring)."""
+    if order not in ORDERS:
+        raise ConfigError(f"order must be one of {ORDERS} (lockstep streaming, or one tile at a time), got {order!r}")
+    _check_overlap(overlap)
+    height, width = latent_hw[0] * SCALE, latent_hw[1] * SCALE
+    ranked = []
+    for rank, tile_order in enumerate(("frame", "tile") if order == "frame" else ("tile",)):
+        for num_patches, patch_dim in _layouts(latent_hw, overlap):
+            estimate = decode_bytes(width, height, num_patches=num_patches, overlap=overlap, patch_dim=patch_dim,
+                                    order=tile_order, vae_precision=vae_precision)
+            choice = TileChoice(num_patches, patch_dim, tile_order, estimate)
+            ranked.append(((rank, choice.count, patch_dim == "hw", estimate), choice))
+    ranked.sort(key=lambda pair: pair[0])
+    return [choice for _, choice in ranked]
+
+
+def choose_tiles(latent_hw: tuple[int, int], budget_bytes: int, *, vae_precision: str, overlap: int = 3,
+                 order: str = "frame") -> TileChoice:
+    """The fewest tiles whose estimated decode memory (beyond the VAE weights) is at most ``budget_bytes``.
+
+    ``order="frame"`` prefers frame order and falls back to tile order; ``order="tile"`` stays in tile
+    order. Raises ConfigError, with the smallest estimate, when nothing fits.
+    """
+    options = candidates(latent_hw, vae_precision=vae_precision, overlap=overlap, order=order)
+    for choice in options:
+        if choice.estimated_bytes <= budget_bytes:
+            return choice
+    smallest = min(options, key=lambda c: c.estimated_bytes)
+    raise ConfigError(_no_fit_message(latent_hw, budget_bytes, smallest, vae_precision, overlap))
+
+
+def _no_fit_message(latent_hw: tuple[int, int], budget: int, smallest: TileChoice, vae_precision: str,
+                    overlap: int) -> str:
+    fixes = []
+    if vae_precision == "fp32":
+        fixes.append("a bf16 VAE (--vae_dtype bf16, or VAE precision bf16: about half the memory)")
+    fixes += ["freeing device memory (offload the other models, close other programs using the GPU)",
+              (f"more, smaller tiles than automatic tiling allows (it keeps tiles at least "
+               f"{min_tile(overlap) * SCALE} pixels wide): set num_patches yourself, e.g. a grid with patch_dim "
+               "hw in decode order tile"),
+              "a smaller resolution"]
+    return (f"the VAE decode of a {latent_hw[1] * SCALE}x{latent_hw[0] * SCALE} video needs at least "
+            f"{smallest.estimated_bytes / GIB:.1f} GiB of device memory beyond the VAE weights "
+            f"({smallest.describe()}), but only {max(budget, 0) / GIB:.1f} GiB is usable. Try "
+            + "; or ".join(fixes))
+
+
+def preset_tiles(latent_hw: tuple[int, int], *, vae_precision: str = "fp32", overlap: int = 3,
+                 order: str = "frame") -> TileChoice:
+    """The reference's tiles without a budget: the tile count of the largest preset whose area the video
+    reaches (3 at 2K, 4 at 4K; 1 below 2K), along the width, at most ``max_patches`` of it."""
+    _check_overlap(overlap)
+    area = latent_hw[0] * latent_hw[1] * SCALE * SCALE
+    reached = [p for p in HR_PRESETS.values() if p.width * p.height <= area]
+    count = max(reached, key=lambda p: p.width * p.height).decode_patches if reached else 1
+    count = min(count, max_patches(latent_hw[1], overlap))
+    estimate = decode_bytes(latent_hw[1] * SCALE, latent_hw[0] * SCALE, num_patches=count, overlap=overlap,
+                            patch_dim="w", order=order, vae_precision=vae_precision)
+    return TileChoice(count, "w", order, estimate)
+
+
+def free_device_bytes(device: torch.device | str) -> int | None:
+    """Memory a decode on ``device`` may use now, or None where there is no budget (CPU, MPS, ...).
+
+    On CUDA: the driver's free memory plus what PyTorch's caching allocator holds reserved but unused
+    (it is reused before the driver is asked), less doctor's allowance for allocator slack and
+    fragmentation: ``(available - HEADROOM_BYTES) / (1 + HEADROOM_FRACTION)``, the inverse of its "fits".
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, _total = torch.cuda.mem_get_info(index)
+    reusable = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    return max(0, int((free + reusable - HEADROOM_BYTES) / (1 + HEADROOM_FRACTION)))
+
+
+def auto_tiles(latent_hw: tuple[int, int], device: torch.device | str, *, vae_precision: str, overlap: int = 3,
+               order: str = "frame", batch: int = 1) -> TileChoice:
+    """Tiles for a decode on ``device`` now: :func:`choose_tiles` within :func:`free_device_bytes` (shared by
+    the ``batch`` videos decoded together), or :func:`preset_tiles` where there is no budget. Logs the choice."""
+    budget = free_device_bytes(device)
+    if budget is None:
+        choice = preset_tiles(latent_hw, vae_precision=vae_precision, overlap=overlap, order=order)
+        log.info("decode tiles (auto, no memory budget on %s: the reference's defaults): %s",
+                 torch.device(device), choice.describe())
+        return choice
+    try:
+        choice = choose_tiles(latent_hw, budget // max(batch, 1), vae_precision=vae_precision, overlap=overlap,
+                              order=order)
+    except ConfigError as error:
+        raise ConfigError(f"{error}. (Usable memory on {torch.device(device)}: free plus PyTorch's reusable cache, "
+                          f"less a margin of {HEADROOM_BYTES / GIB:.1f} GiB and {HEADROOM_FRACTION:.0%}"
+                          + (f", shared by a batch of {batch}" if batch > 1 else "") + ")") from None
+    log.info("decode tiles (auto, %.1f GiB usable on %s): %s", budget / GIB, torch.device(device), choice.describe())
+    return choice
