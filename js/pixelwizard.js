@@ -15,6 +15,7 @@ import {
 const HR = "PixelWizardHRSampler";
 const DECODERS = new Set(["PixelWizardDecodeToVideo", "PixelWizardTiledDecode"]);
 const INFO = "pixelwizard_info";
+const DEFAULT_SWAP_BLOCKS = 10; // pixelwizard_core/pipeline/handles.py: swap_blocks 0 means this
 
 const widget = (node, name) => node.widgets?.find((w) => w.name === name);
 
@@ -103,16 +104,18 @@ function memorySetup(node) {
     if (n.type === "PixelWizardWanLoader") resident.push("text", "vae", ...(lrCheckpoint ? [] : ["lr"]));
     if (n === lrCheckpoint) resident.push("lr");
   }
-  return { precision: hrLoader ? value(hrLoader, "precision", "bf16") : "bf16", resident };
+  const swapping = hrLoader && value(hrLoader, "memory_mode", "gpu") === "block_swap";
+  const swapBlocks = swapping ? Math.min(value(hrLoader, "swap_blocks", 0) || DEFAULT_SWAP_BLOCKS, 30) : 0;
+  return { precision: hrLoader ? value(hrLoader, "precision", "bf16") : "bf16", resident, swapBlocks };
 }
 
 function refreshHR(node) {
   const get = (name) => widget(node, name)?.value;
   const { frames, known } = anchorFrames(node);
-  const { precision, resident } = memorySetup(node);
+  const { precision, resident, swapBlocks } = memorySetup(node);
   const summary = hrSummary({
     preset: get("preset"), width: get("width"), height: get("height"), frames, framesKnown: known,
-    precision: ["bf16", "fp16", "fp32", "fp8"].includes(precision) ? precision : "bf16", resident,
+    precision: ["bf16", "fp16", "fp32", "fp8"].includes(precision) ? precision : "bf16", resident, swapBlocks,
   });
   showLines(node, summary.lines);
 }

@@ -52,6 +52,8 @@ export const GIB = 2 ** 30;
 export const MEMORY = Object.freeze({
   DIT_PARAMS: 4_999_787_712,
   DIT_BLOCK_LINEAR_PARAMS: 4_907_335_680, // stored in 1 byte with "fp8"
+  DIT_BLOCKS: 30,
+  DIT_BLOCK_PARAMS: 163_656_704, // one block: what block swap keeps off the GPU per block
   HR_DT_PARAMS: 10_229_760, // dt embedding, in the DiT's precision
   HR_ADAPTER_PARAMS: 93_649_152, // anchor injector, kept in float32
   T5_PARAMS: 5_680_910_336,
@@ -77,6 +79,15 @@ export function weightBytes(role, precision = "bf16", vaePrecision = "fp32") {
   throw new Error(`unknown model role ${role}`);
 }
 
+/** DiT weight bytes block swap keeps off the GPU: the swapped blocks less the two in flight on the GPU. */
+export function blockSwapSavings(swapBlocks, precision = "bf16") {
+  const m = MEMORY;
+  const linear = Math.floor(m.DIT_BLOCK_LINEAR_PARAMS / m.DIT_BLOCKS);
+  const size = m.PRECISION_BYTES[precision];
+  const block = linear * (precision === "fp8" ? 1 : size) + (m.DIT_BLOCK_PARAMS - linear) * size;
+  return (swapBlocks - Math.min(swapBlocks, 2)) * block;
+}
+
 /** Working memory of a sampling stage: one DiT forward over batch x tokens, plus the loop's latents. */
 export function ditActivationBytes(tokens, batch = 1) {
   return batch * tokens * MEMORY.DIT_BYTES_PER_TOKEN + tokens * MEMORY.SAMPLER_BYTES_PER_TOKEN;
@@ -88,17 +99,19 @@ export function ditActivationBytes(tokens, batch = 1) {
  * `resident` names the models that stay on the GPU between stages (memory mode "gpu"); the others are moved
  * to the CPU when their stage ends ("offload"). All four resident equals doctor's "resident" mode, none its
  * "offload" mode. The LR stage runs both CFG branches in one batch, the HR stage one branch at a time.
+ * `swapBlocks`: DiT blocks streamed from the CPU (memory mode "block_swap"), for both DiTs.
  * The tiled decode is left out: with the reference's tiles it needs less than the HR stage.
  */
 export function estimateStages({
   width, height, frames = DEFAULT_FRAMES, precision = "bf16", vaePrecision = "fp32",
-  resident = [], lrWidth = LR_SIZE.width, lrHeight = LR_SIZE.height,
+  resident = [], lrWidth = LR_SIZE.width, lrHeight = LR_SIZE.height, swapBlocks = 0,
 } = {}) {
   const textPrecision = precision === "fp8" ? "bf16" : precision;
+  const swapped = blockSwapSavings(swapBlocks, precision);
   const weights = {
     text: weightBytes("text", textPrecision),
-    lr: weightBytes("lr", precision),
-    hr: weightBytes("hr", precision),
+    lr: weightBytes("lr", precision) - swapped,
+    hr: weightBytes("hr", precision) - swapped,
     vae: weightBytes("vae", precision, vaePrecision),
   };
   const held = (role) => Object.keys(weights).filter((r) => r !== role && resident.includes(r))
@@ -120,10 +133,12 @@ export function formatGiB(bytes) {
 }
 
 /** The HR sampler's info lines: tokens and the estimated peak VRAM of its stage. */
-export function hrSummary({ preset, width, height, frames, framesKnown = true, precision = "bf16", resident = [] }) {
+export function hrSummary({
+  preset, width, height, frames, framesKnown = true, precision = "bf16", resident = [], swapBlocks = 0,
+}) {
   const size = effectiveSize(preset, width, height);
   const tokens = tokenCount(size.width, size.height, frames);
-  const stages = estimateStages({ ...size, frames, precision, resident });
+  const stages = estimateStages({ ...size, frames, precision, resident, swapBlocks });
   const framesNote = framesKnown ? `${frames} frames` : `${frames} frames?`; // "?": not known upstream, assumed
   return {
     tokens,

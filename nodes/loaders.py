@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pixelwizard_core.pipeline.handles import MEMORY_MODES, PRECISIONS, ModelHandle
+from pixelwizard_core.pipeline.handles import DEFAULT_SWAP_BLOCKS, MEMORY_MODES, PRECISIONS, ModelHandle
 
 from . import host
 from .types import CATEGORY, PW_STAGE_MODEL, PW_WAN, WanModels
@@ -11,8 +11,14 @@ ATTENTION = ["auto", "sdpa", "flash"]
 VAE_PRECISIONS = ["fp32", "bf16", "fp16"]
 
 
-def _options(precision: str, attention: str, memory_mode: str) -> dict:
-    return {"precision": precision, "attention": attention, "memory_mode": memory_mode}
+MEMORY_MODE_TOOLTIP = ("gpu: keep the model on the GPU; offload: move it to the CPU when its stage ends; block_swap: "
+                       "also stream the DiT's last swap_blocks blocks from CPU memory while it runs (small GPUs, same output)")
+SWAP_BLOCKS = ("INT", {"default": 0, "min": 0, "max": 30, "tooltip": f"block_swap only: DiT blocks (of 30) kept in CPU memory, "
+                       f"about 0.33 GB each; 0 = {DEFAULT_SWAP_BLOCKS}"})
+
+
+def _options(precision: str, attention: str, memory_mode: str, swap_blocks: int = 0) -> dict:
+    return {"precision": precision, "attention": attention, "memory_mode": memory_mode, "swap_blocks": swap_blocks}
 
 
 class PixelWizardWanLoader:
@@ -33,15 +39,17 @@ class PixelWizardWanLoader:
                 "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "DiT and text encoder weights; fp8: the DiT's block weights stored in float8 (half of bf16), computed in bf16"}),
                 "vae_precision": (VAE_PRECISIONS, {"default": "fp32", "tooltip": "fp32 as the official pipeline; bf16 halves decode memory"}),
                 "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: flash-attn on CUDA when installed, else PyTorch SDPA"}),
-                "memory_mode": (list(MEMORY_MODES), {"default": "gpu", "tooltip": "gpu: keep models on the GPU; offload: move each to the CPU when its stage ends"}),
+                "memory_mode": (list(MEMORY_MODES), {"default": "gpu", "tooltip": MEMORY_MODE_TOOLTIP}),
             },
             "optional": {
                 "official_folder": ("STRING", {"default": "", "tooltip": "path of an official Wan-AI/Wan2.2-TI2V-5B folder; overrides the three files"}),
+                "swap_blocks": SWAP_BLOCKS,
             },
         }
 
-    def load(self, diffusion_model, vae, text_encoder, precision, vae_precision, attention, memory_mode, official_folder=""):
-        options = _options(precision, attention, memory_mode)
+    def load(self, diffusion_model, vae, text_encoder, precision, vae_precision, attention, memory_mode, official_folder="",
+             swap_blocks=0):
+        options = _options(precision, attention, memory_mode, swap_blocks)
         if official_folder.strip():
             dit_path = vae_path = text_path = official_folder.strip()
         else:
@@ -70,9 +78,9 @@ class PixelWizardCheckpointLoader:
             "stage": (["hr", "lr"], {"default": "hr", "tooltip": "hr: 2k/4k shortcut model; lr: anchor model"}),
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "weights precision (bf16 as the reference)"}),
             "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: flash-attn on CUDA when installed, else PyTorch SDPA"}),
-            "memory_mode": (list(MEMORY_MODES), {"default": "gpu", "tooltip": "gpu: stay on the GPU; offload: back to the CPU after its stage"}),
-        }}
+            "memory_mode": (list(MEMORY_MODES), {"default": "gpu", "tooltip": MEMORY_MODE_TOOLTIP}),
+        }, "optional": {"swap_blocks": SWAP_BLOCKS}}
 
-    def load(self, checkpoint, stage, precision, attention, memory_mode):
+    def load(self, checkpoint, stage, precision, attention, memory_mode, swap_blocks=0):
         path = host.model_path("diffusion_models", checkpoint)
-        return (ModelHandle.for_file(stage, path, **_options(precision, attention, memory_mode)),)
+        return (ModelHandle.for_file(stage, path, **_options(precision, attention, memory_mode, swap_blocks)),)

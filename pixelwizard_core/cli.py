@@ -55,6 +55,10 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model_load_mode", choices=LOAD_MODES, default="auto")
     g.add_argument("--offload_model", type=_str2bool, default=None, help="move idle models to the CPU")
     g.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+    g.add_argument("--block_swap", type=int, default=0, metavar="N",
+                   help="stream the last N of the LR and HR DiTs' 30 blocks from pinned CPU memory while they run "
+                        "(small GPUs; ~0.33 GB of bf16 weights off the GPU per block, same output); the DiTs then "
+                        "wait on the CPU between stages. 0 = off")
     g.add_argument("--attention", choices=("auto", "sdpa", "flash"), default="auto")
 
 
@@ -88,7 +92,10 @@ def _add_hr(p: argparse.ArgumentParser) -> None:
 def _add_decode(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decode and output")
     g.add_argument("--video_dir", default="outputs/videos")
-    g.add_argument("--num_patches", type=int, help="decode tiles; default: the preset's (3 for 2k, 4 for 4k)")
+    g.add_argument("--num_patches", type=int, default=0,
+                   help="decode tiles per split axis; 0 (default) = automatic: the fewest that fit the GPU's free "
+                        "memory (then --patch_dim is chosen and --decode_order frame may become tile), or on a "
+                        "CPU the reference's (3 at 2K, 4 at 4K, else 1)")
     g.add_argument("--patch_dim", choices=("w", "h", "hw"), default="w")
     g.add_argument("--overlap", type=int, default=3, help="latent columns added on each interior tile side")
     g.add_argument("--blend", choices=("cosine", "reference"), default="cosine")
@@ -158,9 +165,13 @@ def hr_settings(args: argparse.Namespace, frames: int) -> StageSettings:
 
 
 def decode_settings(args: argparse.Namespace) -> DecodeSettings:
-    preset = parse_resolution(args.resolution)[2] if hasattr(args, "resolution") else None
-    patches = args.num_patches or (preset.decode_patches if preset else 1)
-    return DecodeSettings(patches, args.patch_dim, args.overlap, args.blend, args.decode_order, crf=args.crf)
+    # num_patches 0 stays 0: the decode resolves it from the latent's size and the VAE device's free memory
+    if args.num_patches < 0:
+        from .errors import ConfigError  # local: this function is edited apart from the module's imports
+
+        raise ConfigError(f"--num_patches must be 0 (automatic) or a tile count of 1 or more, got {args.num_patches}")
+    return DecodeSettings(args.num_patches, args.patch_dim, args.overlap, args.blend, args.decode_order,
+                          crf=args.crf)
 
 
 def make_models(args: argparse.Namespace, *roles: str) -> Models:
@@ -172,7 +183,7 @@ def make_models(args: argparse.Namespace, *roles: str) -> Models:
     files.check_kinds(*roles)
     return Models(files, device=args.device, dtype=DTYPES[args.dtype], vae_dtype=DTYPES[args.vae_dtype],
                   load_mode=args.model_load_mode, offload=args.offload_model, t5_cpu=args.t5_cpu,
-                  attention=args.attention)
+                  attention=args.attention, block_swap=args.block_swap)
 
 
 def make_pipeline(args: argparse.Namespace, *roles: str) -> PixelWizard:

@@ -33,6 +33,8 @@ GIB = 2**30
 # Parameter counts, from the manifests of the released files (tests/manifests/*.json).
 DIT_PARAMS = 4_999_787_712
 DIT_BLOCK_LINEAR_PARAMS = 4_907_335_680  # weights of the 30 blocks' Linears: what "fp8" stores in 1 byte
+DIT_BLOCKS = 30
+DIT_BLOCK_PARAMS = 163_656_704  # one block, everything (blocks.0.*): what block swap moves per block
 HR_DT_PARAMS = 10_229_760  # dt_embedding, in the DiT's precision
 HR_ADAPTER_PARAMS = 93_649_152  # spatial_adapter (anchor injector), kept in float32
 T5_PARAMS = 5_680_910_336
@@ -62,6 +64,7 @@ class MemoryMode:
     vae_precision: str
     flags: str = ""
     description: str = ""
+    swap_blocks: int = 0  # DiT blocks streamed from the CPU while the DiT runs (block swap)
 
 
 MEMORY_MODES: dict[str, MemoryMode] = {
@@ -72,6 +75,10 @@ MEMORY_MODES: dict[str, MemoryMode] = {
     "lowvram": MemoryMode("lowvram", True, True, "tile", "bf16",
                           "--offload_model true --t5_cpu --decode_order tile --vae_dtype bf16",
                           "also: text encoder on the CPU, one decode tile at a time, bf16 VAE"),
+    "blockswap": MemoryMode("blockswap", True, True, "tile", "bf16",
+                            "--offload_model true --t5_cpu --decode_order tile --vae_dtype bf16 --block_swap 10",
+                            "lowvram, and the DiTs stream their last 10 blocks from the CPU while sampling",
+                            swap_blocks=10),
 }
 
 
@@ -112,6 +119,15 @@ def weight_bytes(role: str, precision: str = "bf16", vae_precision: str = "fp32"
     if role == "vae":
         return VAE_PARAMS * PRECISION_BYTES[vae_precision]
     raise ConfigError(f"unknown model role {role!r}")
+
+
+def block_swap_savings(swap_blocks: int, precision: str = "bf16") -> int:
+    """DiT weight bytes block swap keeps off the GPU: the swapped blocks, less the two device slots that
+    hold the block running and the next one in flight."""
+    linear = DIT_BLOCK_LINEAR_PARAMS // DIT_BLOCKS
+    size = PRECISION_BYTES[precision]
+    block = (linear * (1 if precision == "fp8" else size)) + (DIT_BLOCK_PARAMS - linear) * size
+    return (swap_blocks - min(swap_blocks, 2)) * block
 
 
 def dit_activation_bytes(tokens: int, batch: int = 1) -> int:
@@ -162,8 +178,9 @@ def estimate_memory(
     hr_tokens = latent_frames(frames) * (height // 32) * (width // 32)
     lr_tokens = latent_frames(frames) * (lr.height // 32) * (lr.width // 32)
     text_precision = "bf16" if precision == "fp8" else precision
+    swapped = block_swap_savings(mode.swap_blocks, precision)
     weights = {"text": 0 if mode.t5_cpu else weight_bytes("text", text_precision),
-               "lr": weight_bytes("lr", precision), "hr": weight_bytes("hr", precision),
+               "lr": weight_bytes("lr", precision) - swapped, "hr": weight_bytes("hr", precision) - swapped,
                "vae": weight_bytes("vae", vae_precision=mode.vae_precision)}
     work = {
         "text": 0 if mode.t5_cpu else T5_ACTIVATION_BYTES,

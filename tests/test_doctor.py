@@ -99,7 +99,7 @@ def test_the_documented_figures_are_what_the_code_gives():
 def test_modes_order_and_fitting():
     for preset in HR_PRESETS.values():
         peaks = [doctor.estimate_memory(preset.width, preset.height, mode=m).peak for m in doctor.MEMORY_MODES]
-        assert peaks[0] > peaks[1] >= peaks[2]  # resident > offload >= lowvram
+        assert peaks[0] > peaks[1] >= peaks[2] > peaks[3]  # resident > offload >= lowvram > blockswap
     two_k = doctor.estimate_memory(2560, 1440, mode="offload")
     four_k = doctor.estimate_memory(3840, 2144, mode="offload")
     assert four_k.peak > two_k.peak
@@ -144,7 +144,7 @@ def test_doctor_json_and_exit_0_when_ready(tmp_path, capsys, monkeypatch):
     assert checks["files for a 2k run"]["ok"] and not checks["files for a 4k run"]["ok"]
     assert checks["PixelWizard/2k/model.pt"]["ok"]
     assert {(r["preset"], r["mode"]) for r in report["memory"]} == {
-        (p, m) for p in ("2k", "4k") for m in ("resident", "offload", "lowvram")}
+        (p, m) for p in ("2k", "4k") for m in ("resident", "offload", "lowvram", "blockswap")}
 
 
 def test_doctor_names_a_broken_file(tmp_path, capsys):

@@ -56,7 +56,7 @@ def test_token_counts_match_the_python_settings():
 def test_vram_estimate_equals_doctors():
     doctor = pytest.importorskip("pixelwizard_core.doctor")
     constants = run_js("L.MEMORY")
-    for name in ("DIT_PARAMS", "DIT_BLOCK_LINEAR_PARAMS", "HR_DT_PARAMS", "HR_ADAPTER_PARAMS", "T5_PARAMS",
+    for name in ("DIT_PARAMS", "DIT_BLOCK_LINEAR_PARAMS", "DIT_BLOCKS", "DIT_BLOCK_PARAMS", "HR_DT_PARAMS", "HR_ADAPTER_PARAMS", "T5_PARAMS",
                  "VAE_PARAMS", "DIT_BYTES_PER_TOKEN", "SAMPLER_BYTES_PER_TOKEN", "T5_ACTIVATION_BYTES",
                  "PRECISION_BYTES"):
         assert constants[name] == getattr(doctor, name), f"js/pixelwizard_logic.js MEMORY.{name} != doctor.{name}"
@@ -69,6 +69,13 @@ def test_vram_estimate_equals_doctors():
             stages = doctor.estimate_memory(w, h, f, mode=mode, precision=p).stages
             expected = {"text": stages["text"], "anchor": stages["anchor"], "hr": stages["hr"]}
             assert js == expected, f"{w}x{h} {f} frames {p} {mode}"
+    # block swap: the sampling stages of doctor's blockswap mode (its text encoder runs on the CPU instead)
+    swap = doctor.MEMORY_MODES["blockswap"].swap_blocks
+    calls = [{"width": w, "height": h, "frames": f, "precision": p, "swapBlocks": swap} for w, h, f, p in cases]
+    got = run_js(f"{json.dumps(calls)}.map((c) => L.estimateStages(c))")
+    for (w, h, f, p), js in zip(cases, got):
+        stages = doctor.estimate_memory(w, h, f, mode="blockswap", precision=p).stages
+        assert (js["anchor"], js["hr"]) == (stages["anchor"], stages["hr"]), f"{w}x{h} {f} frames {p} blockswap"
 
 
 def test_js_reads_the_header_of_a_real_anchor_file(tmp_path):

@@ -53,7 +53,7 @@ async function graph() {
     ["hr_model", "anchor", "conditioning"]);
   const load = new Load("PixelWizardAnchorLoad", { anchor: "output/none.safetensors" });
   const ckpt = new FakeNode("PixelWizardCheckpointLoader", { checkpoint: "PixelWizard/2k/model.pt", stage: "hr",
-    precision: "bf16", attention: "auto", memory_mode: "offload" });
+    precision: "bf16", attention: "auto", memory_mode: "offload", swap_blocks: 0 });
   const decoder = new FakeNode("PixelWizardDecodeToVideo", { num_patches: 3, patch_dim: "w" }, ["wan", "latent"]);
   connect(ckpt, hr, "hr_model");
   connect(load, hr, "anchor");
@@ -112,6 +112,17 @@ test("keeping the base models on the GPU raises the HR estimate", async () => {
   load.upstream.wan = wan;
   hr.onConnectionsChange();
   assert.ok(gib() - alone > 10, `${alone} -> ${gib()}`); // umT5-XXL (11.4 GB) + VAE stay resident
+});
+
+test("block swap on the HR checkpoint loader lowers the HR estimate by the swapped blocks", async () => {
+  const { hr, ckpt } = await graph();
+  const gib = () => Number(/≈ ([\d.]+) GiB/.exec(hr.info())[1]);
+  const offload = gib();
+  ckpt.widget("memory_mode").value = "block_swap";
+  ckpt.widget("swap_blocks").value = 20;
+  hr.onConnectionsChange();
+  // 18 blocks of 163,656,704 bf16 parameters leave the GPU (20 swapped, 2 in flight): 5.5 GiB
+  assert.ok(Math.abs(offload - gib() - 5.49) < 0.11, `${offload} -> ${gib()}`);
 });
 
 test("each info line is its own row, cut with an ellipsis instead of wrapping", async () => {

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 from ..io.video import PngSequenceWriter, VideoWriter
 from ..pipeline.anchors import Anchor
-from ..pipeline.handles import ModelHandle
+from ..pipeline.handles import DIT_ROLES, ModelHandle
 from ..pipeline.loop import StepCallback
 from ..pipeline.models import Models
 from ..pipeline.presets import StageSettings
@@ -60,6 +60,9 @@ class DistributedPixelWizard(PixelWizard):
             raise ConfigError(f"--ulysses_size {ulysses} splits the work over {ulysses} processes: launch with "
                               f"torchrun --nproc_per_node {ulysses} -m pixelwizard_core generate ...")
         config.check(world)
+        if dit_fsdp and models.block_swap:
+            raise ConfigError(f"--block_swap {models.block_swap} with --dit_fsdp: FSDP already splits the DiTs' "
+                              "weights over the GPUs; use one or the other")
         if models.files.lr is None and models.files.hr is None:
             raise ConfigError("multi-process generation loads weight files in every process; it cannot use --demo")
         for role in ("lr", "hr"):
@@ -89,8 +92,10 @@ class DistributedPixelWizard(PixelWizard):
         models = self.models
         self.models.files.require(role)
         precision = PRECISION_NAMES[models.vae_dtype if role == "vae" else models.dtype]
+        swap = models.block_swap if role in DIT_ROLES else 0  # as Models.use: the DiTs swap, wait on the CPU
+        mode = "block_swap" if swap else "offload" if models.offload else "gpu"
         return ModelHandle(role, str(models.files.path(role)), precision=precision, attention=models.attention,
-                           memory_mode="offload" if models.offload else "gpu")
+                           memory_mode=mode, swap_blocks=swap)
 
     def conditioning(self, prompt: str, negative_prompt: str | None = None) -> TextConditioning:
         with self._stage("text"):

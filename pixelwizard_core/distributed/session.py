@@ -37,8 +37,9 @@ from ..loading import load_t5_tokenizer
 from ..loading.folders import resolve
 from ..models.parallel import check_degree
 from ..pipeline.anchors import Anchor
-from ..pipeline.handles import PRECISIONS, ModelHandle, module_of
+from ..pipeline.handles import PRECISIONS, ModelHandle
 from ..pipeline.handles import load as load_handle
+from ..pipeline.placement import module_of, on_device
 from ..pipeline.presets import StageSettings
 from ..pipeline.runner import DecodeSettings
 from ..pipeline.stages import hr_latent, lr_anchor
@@ -209,18 +210,13 @@ class Session:
 
     @contextlib.contextmanager
     def _placed(self, handle: ModelHandle) -> Iterator[object]:
-        """The model on its working device for the block; offloaded models go back to the CPU after."""
+        """The model on its working device for the block; offloaded models go back to the CPU after,
+        block-swapped DiTs stream their last blocks meanwhile (not when sharded: FSDP already splits
+        the weights over the ranks, as it overrides offloading)."""
         model = self.model(handle)
-        work, home = self._work_device(handle.role), self._home(handle)
-        if home != work:
-            module_of(model).to(work)
-        try:
+        swap = 0 if self._sharded(handle.role) else handle.swap_for(model)
+        with on_device(model, self._work_device(handle.role), home=self._home(handle), swap_blocks=swap):
             yield model
-        finally:
-            if home != work:
-                module_of(model).to(home)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
 
     # --- control -----------------------------------------------------------------------------
     def reset_job(self) -> None:

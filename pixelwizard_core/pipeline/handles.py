@@ -20,7 +20,9 @@ import torch
 from ..errors import ConfigError
 from ..loading import inspect_weights, load_dit, load_hr_dit, load_t5, load_t5_tokenizer, load_vae
 from ..loading.folders import resolve
+from ..loading.inspection import WeightsInfo
 from ..models.layers import store_linears_in_fp8
+from .placement import module_of, on_device  # noqa: F401 (module_of: re-exported, older imports)
 from .text import TextEncoder
 
 log = logging.getLogger("pixelwizard")
@@ -28,12 +30,28 @@ log = logging.getLogger("pixelwizard")
 ROLES = {"text": "t5", "vae": "vae", "lr": "dit", "hr": "hr_dit"}  # role -> loader component
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}
 # "fp8": loaded in bf16, then the DiT's block Linears are stored in float8 with a per-tensor scale
-MEMORY_MODES = ("gpu", "offload")
+
+# gpu: stay on the GPU between stages; offload: wait on the CPU; block_swap: wait on the CPU, and the DiTs
+# stream their last ``swap_blocks`` blocks from pinned CPU memory while they run (text encoder and VAE: as
+# offload). See pipeline/placement.py.
+MEMORY_MODES = ("gpu", "offload", "block_swap")
+DIT_ROLES = ("lr", "hr")
+# Blocks streamed in "block_swap" mode when the handle says 0: a third of the 5B DiT's 30 blocks (3.3 GB of
+# bf16 weights; 2.4 GB less on the GPU once the two blocks in flight are counted: doctor's "blockswap" mode,
+# where 2K fits a 24 GB card), for copies the HR stage hides behind its compute and that cost the 448x256
+# anchor stage roughly 0.1 s per step over PCIe 4 (estimated, not measured).
+DEFAULT_SWAP_BLOCKS = 10
 
 
 @dataclass(frozen=True)
 class ModelHandle:
-    """One model file for one role, with how to load and place it."""
+    """One model file for one role, with how to load and place it.
+
+    ``swap_blocks`` only matters for the DiT roles ("lr", "hr") in memory mode "block_swap": the number of
+    last blocks streamed (0 = :data:`DEFAULT_SWAP_BLOCKS`, capped at the model's block count). It is
+    ignored for the text encoder and the VAE (they have no blocks and wait on the CPU), and in the other
+    memory modes, so one set of loader options can describe all three models of a loader.
+    """
 
     role: str
     path: str
@@ -42,11 +60,21 @@ class ModelHandle:
     memory_mode: str = "gpu"
     size: int = 0
     mtime_ns: int = 0
+    swap_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.memory_mode not in MEMORY_MODES:
+            raise ConfigError(f"memory mode {self.memory_mode!r}: choose one of {', '.join(MEMORY_MODES)}")
+        swap = self.swap_blocks
+        if isinstance(swap, bool) or not isinstance(swap, int) or swap < 0:
+            raise ConfigError(f"swap_blocks {swap!r}: give a whole number of DiT blocks to stream, 0 for the "
+                              f"default ({DEFAULT_SWAP_BLOCKS})")
 
     @classmethod
-    def for_file(cls, role: str, path: str | Path, **options: str) -> "ModelHandle":
+    def for_file(cls, role: str, path: str | Path, **options: object) -> "ModelHandle":
         """A handle for ``path`` (a file or an official folder), checked now: it exists and its keys say
-        it is the right kind of model for ``role`` (header only, no tensor data)."""
+        it is the right kind of model for ``role`` (header only, no tensor data), and ``swap_blocks``
+        is not more than its blocks."""
         if role not in ROLES:
             raise ConfigError(f"unknown model role {role!r}; one of {', '.join(ROLES)}")
         if options.get("precision", "bf16") not in PRECISIONS:
@@ -54,21 +82,41 @@ class ModelHandle:
         if options.get("memory_mode", "gpu") not in MEMORY_MODES:
             raise ConfigError(f"memory mode {options['memory_mode']!r}: choose one of {', '.join(MEMORY_MODES)}")
         file = resolve(path, ROLES[role])
-        check_kind(file, role)
+        info = check_kind(file, role)
         stat = file.stat()
-        return cls(role, str(file), size=stat.st_size, mtime_ns=stat.st_mtime_ns, **options)
+        handle = cls(role, str(file), size=stat.st_size, mtime_ns=stat.st_mtime_ns, **options)
+        layers = info.config.get("num_layers")
+        if handle.blocks_to_swap and layers and handle.swap_blocks > layers:
+            raise ConfigError(f"swap_blocks {handle.swap_blocks}: {file.name} has {layers} transformer blocks; "
+                              f"choose 1..{layers} (or 0 for the default, {DEFAULT_SWAP_BLOCKS})")
+        return handle
 
     @property
     def identity(self) -> str:
         return f"{Path(self.path).name}:{self.size}"
 
+    @property
+    def blocks_to_swap(self) -> int:
+        """Blocks to stream: 0 unless a DiT in "block_swap" mode; there the default for 0 (capped at the
+        model's block count by :meth:`swap_for`)."""
+        if self.memory_mode != "block_swap" or self.role not in DIT_ROLES:
+            return 0
+        return self.swap_blocks or DEFAULT_SWAP_BLOCKS
+
+    def swap_for(self, model: object) -> int:
+        """:attr:`blocks_to_swap` for the loaded ``model``: the default is capped at its block count, an
+        explicit count larger than it is refused (ConfigError) by :func:`.placement.on_device`."""
+        count = self.blocks_to_swap
+        return min(count, len(model.blocks)) if count and not self.swap_blocks else count
+
     def home(self, device: torch.device) -> torch.device:
         """Where the model waits between uses."""
-        return torch.device("cpu") if self.memory_mode == "offload" else device
+        return torch.device("cpu") if self.memory_mode in ("offload", "block_swap") else device
 
 
-def check_kind(path: Path, role: str) -> None:
-    """Refuse a file of the wrong kind for its role (e.g. an HR checkpoint given for the LR stage)."""
+def check_kind(path: Path, role: str) -> WeightsInfo:
+    """Refuse a file of the wrong kind for its role (e.g. an HR checkpoint given for the LR stage); what
+    the header says about the file."""
     component = ROLES[role]
     info = inspect_weights(path, component=component)
     if info.component != component:
@@ -76,6 +124,7 @@ def check_kind(path: Path, role: str) -> None:
         raise ConfigError(f"{path} is {found!r}, but the {role} stage needs {component!r}: pick the right file")
     if info.problem:
         raise ConfigError(f"{path}: {info.problem}")
+    return info
 
 
 _cache: dict[tuple, object] = {}
@@ -96,10 +145,6 @@ def load(handle: ModelHandle, device: torch.device) -> object:
     return model
 
 
-def module_of(model: object) -> torch.nn.Module:
-    return model.encoder if isinstance(model, TextEncoder) else model
-
-
 def get(handle: ModelHandle, device: torch.device) -> object:
     """The loaded model of ``handle`` (loaded now if it is not cached), at its home for ``device``."""
     key = (handle.role, handle.path, handle.size, handle.mtime_ns, handle.precision)
@@ -115,17 +160,12 @@ def get(handle: ModelHandle, device: torch.device) -> object:
 
 @contextlib.contextmanager
 def opened(handle: ModelHandle, device: torch.device | str) -> Iterator[object]:
-    """The model on ``device`` for the block; afterwards back to its home (CPU when offloading)."""
+    """The model on ``device`` for the block (a DiT in "block_swap" mode streams its last blocks);
+    afterwards back to its home (CPU when offloading or swapping)."""
     device = torch.device(device)
     model = get(handle, device)
-    module_of(model).to(device)
-    try:
+    with on_device(model, device, home=handle.home(device), swap_blocks=handle.swap_for(model)):
         yield model
-    finally:
-        if handle.memory_mode == "offload":
-            module_of(model).to("cpu")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
 
 
 def release_all() -> None:

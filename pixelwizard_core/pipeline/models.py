@@ -2,7 +2,8 @@
 
 ``ModelFiles`` resolves every file before anything is loaded (so a missing file is reported at once);
 ``Models`` loads each model on first use and, between uses, keeps it on the GPU, moves it to the CPU
-(offload) or drops it (reload), as the reference's ``--model_load_mode`` / ``--offload_model`` do.
+(offload) or drops it (reload), as the reference's ``--model_load_mode`` / ``--offload_model`` do; with
+``block_swap`` the DiTs stream their last blocks from the CPU while they run (:mod:`.placement`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import torch
 
 from ..errors import ConfigError
 from ..loading.folders import resolve
-from .handles import ROLES, ModelHandle, check_kind, module_of
+from ..models.block_swap import check_count
+from .handles import DIT_ROLES, ROLES, ModelHandle, check_kind
 from .handles import load as load_handle
+from .placement import num_blocks, on_device
 
 log = logging.getLogger("pixelwizard")
 
@@ -105,9 +108,15 @@ class Models:
         t5_cpu: bool = False,
         attention: str = "auto",
         prebuilt: dict[str, object] | None = None,
+        block_swap: int = 0,
     ) -> None:
+        """``block_swap``: 0, or how many of the LR and HR DiTs' last blocks are streamed from the CPU while
+        they run; the DiTs then wait on the CPU between stages whatever ``offload`` says."""
         if load_mode not in LOAD_MODES:
             raise ConfigError(f"model load mode {load_mode!r}: choose one of {', '.join(LOAD_MODES)}")
+        if isinstance(block_swap, bool) or not isinstance(block_swap, int) or block_swap < 0:
+            raise ConfigError(f"--block_swap {block_swap!r}: give the number of DiT blocks to stream from the "
+                              "CPU (0 = off)")
         self.files = files
         self.device = torch.device(device)
         self.dtype = dtype
@@ -116,14 +125,35 @@ class Models:
         self.offload = self.device.type == "cuda" if offload is None else offload
         self.t5_cpu = t5_cpu
         self.attention = attention
+        self.block_swap = block_swap
         # models built in memory (``generate --demo``): used as if loaded, no file needed
         self._loaded: dict[str, object] = dict(prebuilt or {})
+        if block_swap:
+            self._check_block_swap()
+
+    def _check_block_swap(self) -> None:
+        """Refuse a block count larger than a DiT's now, from the file headers, before any stage runs."""
+        for role in DIT_ROLES:
+            if role in self._loaded:
+                layers = num_blocks(self._loaded[role])
+            elif self.files.path(role) is not None:
+                layers = check_kind(self.files.path(role), role).config.get("num_layers")
+            else:
+                continue
+            if layers:
+                try:
+                    check_count(self.block_swap, layers)
+                except ConfigError as error:
+                    raise ConfigError(f"--block_swap: {error}") from None
+
+    def _swap(self, role: str) -> int:
+        return self.block_swap if role in DIT_ROLES else 0
 
     def _home(self, role: str) -> torch.device:
         """Where a model waits between uses."""
         if role == "text" and self.t5_cpu:
             return torch.device("cpu")
-        return torch.device("cpu") if self.offload else self.device
+        return torch.device("cpu") if self.offload or self._swap(role) else self.device
 
     def _work_device(self, role: str) -> torch.device:
         return torch.device("cpu") if role == "text" and self.t5_cpu else self.device
@@ -144,15 +174,17 @@ class Models:
             self.files.require(role)
             self._loaded[role] = self._load(role)
         model = self._loaded[role]
-        module_of(model).to(self._work_device(role))
+        reload = self.load_mode == "reload"  # dropped after use: not worth moving back
         try:
-            yield model
+            with on_device(model, self._work_device(role), home=None if reload else self._home(role),
+                           swap_blocks=self._swap(role)):
+                yield model
         finally:
-            if self.load_mode == "reload":
+            if reload:
+                del model
                 self.release(role)
             else:
-                module_of(model).to(self._home(role))
-                _empty_cache(self.device)
+                _empty_cache(self.device)  # as before the placement policy moved: once per stage
 
     def release(self, role: str | None = None) -> None:
         """Drop one model (or all) so its memory is freed."""
