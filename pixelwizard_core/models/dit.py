@@ -5,15 +5,16 @@ official bf16 pipeline (PixelWizard always converts the DiT to bf16): Linears co
 dtype, the time embedding, modulation, norms and head in float32, the residual stream in float32.
 
 Deviations for memory, with identical values: one timestep per sample gives one modulation row that is
-broadcast over the tokens, instead of the official per-token copies (8 GB at 2K, 18 GB at 4K); and at
-inference the FFN runs over the tokens in chunks, so its [L, ffn_dim] hidden layer and GELU output (6.4 GB
-at 2K, 14 GB at 4K in bf16) never exist whole.
+broadcast over the tokens, instead of the official per-token copies (8 GB at 2K, 18 GB at 4K); at inference
+the FFN, the cross-attention and the q/k projections with their norms and RoPE run over the tokens in chunks, so their float32
+and [L, ffn_dim] temporaries never exist whole; the modulated block inputs are cast once to the Linears'
+dtype (each Linear cast them anyway); and the anchor control exists only while block 1 takes it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,25 @@ from .parallel import SequenceParallel, check_degree, shard_tokens
 from .rope import apply_rope, rope_cos_sin
 
 FFN_CHUNK_BYTES = 512 * 2**20  # budget of one FFN chunk's hidden layer and GELU output at inference
+
+
+def over_token_chunks(fn: Callable[..., torch.Tensor], chunk: int, x: torch.Tensor,
+                      *per_token: torch.Tensor) -> torch.Tensor:
+    """``fn(x, *per_token)`` computed ``chunk`` tokens at a time into one output (0: all at once).
+
+    ``x`` is [B, L, ...]; each of ``per_token`` has its token axis at dim 1 too, of size L (sliced with
+    ``x``) or 1 (broadcast, e.g. one modulation row). For row-wise ``fn`` the result equals the unchunked one."""
+    length = x.shape[1]
+    if not chunk or length <= chunk:
+        return fn(x, *per_token)
+    out = None
+    for start in range(0, length, chunk):
+        part = slice(start, start + chunk)
+        piece = fn(x[:, part], *(t[:, part] if t.shape[1] == length else t for t in per_token))
+        if out is None:
+            out = piece.new_empty((piece.shape[0], length, *piece.shape[2:]))
+        out[:, part] = piece
+    return out
 
 
 @dataclass(frozen=True)
@@ -66,7 +86,7 @@ class TokenState:
     seq_len: int  # true token count (keys beyond it are padding)
     sp: SequenceParallel | None
     attn_backend: str
-    ffn_chunk: int = 0  # tokens per FFN chunk; 0: the whole sequence at once
+    chunk: int = 0  # tokens per chunk of the row-wise parts (q/k, cross-attention, FFN); 0: all at once
 
 
 class SelfAttention(nn.Module):
@@ -78,17 +98,23 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
-        heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), state.cos, state.sin)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), state.cos, state.sin)
-        v = self.v(x).unflatten(2, heads)
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        tables = state.cos[None], state.sin[None]  # token axis at dim 1, as x
+        q = over_token_chunks(self._rotated(self.q, self.norm_q), state.chunk, x, *tables)
+        k = over_token_chunks(self._rotated(self.k, self.norm_k), state.chunk, x, *tables)
+        v = self.v(x).unflatten(2, (self.num_heads, -1))
         if state.sp is not None:
             q, k, v = (state.sp.tokens_to_heads(t) for t in (q, k, v))
         out = attention(q, k, v, k_len=state.seq_len, backend=state.attn_backend)
         if state.sp is not None:
             out = state.sp.heads_to_tokens(out)
         return self.o(out.flatten(2))
+
+    def _rotated(self, linear: Linear, norm: RMSNorm) -> Callable[..., torch.Tensor]:
+        """Projection, RMSNorm and RoPE of some tokens, in the Linears' dtype (as official before attention)."""
+        def project(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            heads = norm(linear(x)).unflatten(2, (self.num_heads, -1))
+            return apply_rope(heads, cos[0], sin[0]).to(self.v.compute_dtype)
+        return project
 
 
 class CrossAttention(SelfAttention):
@@ -119,20 +145,18 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         # chunk order: shift, scale, gate (attention), shift, scale, gate (FFN)
         mod = (self.modulation.float().unsqueeze(0) + state.e0).unbind(dim=2)
-        y = self.self_attn(self.norm1(x).float() * (1 + mod[1]) + mod[0], state)
-        x = x + y * mod[2]
-        x = x + self.cross_attn(self.norm3(x), state.context, state.attn_backend)
-        if not state.ffn_chunk or x.shape[1] <= state.ffn_chunk:
-            return self._ffn_residual(x, *mod[3:])
-        out = torch.empty_like(x)
-        for start in range(0, x.shape[1], state.ffn_chunk):
-            part = slice(start, start + state.ffn_chunk)
-            rows = (m if m.shape[1] == 1 else m[:, part] for m in mod[3:])  # per-token modulation is sliced too
-            out[:, part] = self._ffn_residual(x[:, part], *rows)
-        return out
+        attn_in = (self.norm1(x).float() * (1 + mod[1]) + mod[0]).to(self.self_attn.q.compute_dtype)
+        x = x + self.self_attn(attn_in, state) * mod[2]
+        del attn_in
+        x = over_token_chunks(self._cross_residual(state), state.chunk, x)  # each token attends on its own
+        return over_token_chunks(self._ffn_residual, state.chunk, x, *mod[3:])
+
+    def _cross_residual(self, state: TokenState) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: x + self.cross_attn(self.norm3(x), state.context, state.attn_backend)
 
     def _ffn_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return x + self.ffn(self.norm2(x).float() * (1 + scale) + shift) * gate
+        ffn_in = (self.norm2(x).float() * (1 + scale) + shift).to(self.ffn[0].compute_dtype)
+        return x + self.ffn(ffn_in) * gate
 
 
 class Head(nn.Module):
@@ -231,10 +255,11 @@ class WanDiT(nn.Module):
         context: torch.Tensor,
         *,
         sp: SequenceParallel | None = None,
-        block_inputs: Mapping[int, torch.Tensor] | None = None,
+        block_inputs: Mapping[int, torch.Tensor | Callable[[], torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Forward from a ready time embedding ``e``; ``block_inputs[i]`` ([B, L, dim]) is added to the
-        input of block i (the HR model's anchor injection)."""
+        """Forward from a ready time embedding ``e``; ``block_inputs[i]`` ([B, L, dim], or a function that
+        makes it, called just before block i so it never coexists with the earlier blocks' work) is added
+        to the input of block i (the HR model's anchor injection)."""
         if sp is not None:
             check_degree(self.config.num_heads, sp.world_size)
         tokens, grid = self.patchify(x)
@@ -255,13 +280,15 @@ class WanDiT(nn.Module):
             seq_len=seq_len,
             sp=sp,
             attn_backend=self.attn_backend,
-            ffn_chunk=self.ffn_chunk_tokens(tokens.shape[0]),
+            chunk=self.ffn_chunk_tokens(tokens.shape[0]),
         )
-        block_inputs = block_inputs or {}
+        pending = dict(block_inputs or {})
         for index, block in enumerate(self.blocks):
-            if index in block_inputs:
-                extra = block_inputs[index]
+            if index in pending:
+                extra = pending.pop(index)
+                extra = extra() if callable(extra) else extra
                 tokens = tokens + (shard_tokens(extra, sp) if sp is not None else extra).to(tokens.dtype)
+                del extra
             tokens = block(tokens, state)
         out = self.head(tokens, e)
         if sp is not None:

@@ -168,7 +168,11 @@ class WanHRDiT(WanDiT):
         t, dt = t.float(), dt.float()
         e = self.time_embedding_of(t) + self.dt_embedding(t, dt)
         t_features = sinusoidal_embedding(self.config.freq_dim, t).float()
-        control = self.spatial_adapter(anchor, t_features, self.dt_embedding.features(t, dt))
+        dt_features = self.dt_embedding.features(t, dt)
+
+        def control() -> torch.Tensor:  # made when block 1 needs it, dropped right after
+            return self.spatial_adapter(anchor, t_features, dt_features)
+
         return self.run(x, e, context, sp=sp, block_inputs={INJECTED_BLOCK: control})
 
     def _check_anchor(self, x: torch.Tensor, anchor: torch.Tensor) -> None:

@@ -21,6 +21,10 @@ class Linear(nn.Linear):
 
     Weights stored in fp8 (see :func:`store_linears_in_fp8`) are scaled back and computed in bf16."""
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.weight.dtype == FP8 else self.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype == FP8:
             weight = self.weight.to(torch.bfloat16) * self.weight_scale
