@@ -116,3 +116,13 @@ def test_anchor_files_round_trip_bit_exactly_and_refuse_tampering(tmp_path, gene
         Anchor.load(latent_file)
     with pytest.raises(ConfigError, match="needs \\[1, 48, 31, 16, 28\\]"):
         Anchor(**{**anchor.__dict__, "latent": anchor.latent[:, :, :5]})
+
+
+def test_cfg_branches_are_batched_only_when_the_estimate_fits():
+    from pixelwizard_core.doctor import dit_activation_bytes
+    from pixelwizard_core.pipeline.stages import cfg_batch_fits
+
+    need = dit_activation_bytes(111_600, batch=2)  # 2K HR tokens
+    assert cfg_batch_fits(111_600, need) is True
+    assert cfg_batch_fits(111_600, need - 1) is False
+    assert cfg_batch_fits(111_600, None) is None  # no budget (CPU): the stage's default

@@ -20,6 +20,30 @@ def _device(model: torch.nn.Module) -> torch.device:
     return model.patch_embedding.weight.device
 
 
+def cfg_batch_fits(tokens: int, free_bytes: int | None) -> bool | None:
+    """Whether both CFG branches fit in one batch: the estimated activations of a batch-2 forward
+    (doctor's measured bytes per token) within ``free_bytes``; None when there is no budget (CPU)."""
+    if free_bytes is None:
+        return None
+    from ..doctor import dit_activation_bytes  # the estimate lives with doctor's other coefficients
+
+    return dit_activation_bytes(tokens, batch=2) <= free_bytes
+
+
+def _batch_cfg(choice: bool | None, default: bool, tokens: int, device: torch.device,
+               sp: SequenceParallel | None) -> bool:
+    """An explicit choice, else batch when it fits the device's free memory now (the model is placed).
+    Sequence-parallel ranks keep the default: each must take the same branch or the collectives hang."""
+    if choice is not None:
+        return choice
+    if sp is not None:
+        return default
+    from .decode_budget import free_device_bytes
+
+    fits = cfg_batch_fits(tokens, free_device_bytes(device))
+    return default if fits is None else fits
+
+
 def lr_anchor(
     dit: WanDiT,
     text: TextConditioning,
@@ -27,15 +51,17 @@ def lr_anchor(
     seed: int,
     *,
     model_id: str = "",
-    batch_cfg: bool = True,
+    batch_cfg: bool | None = None,
     on_step: StepCallback | None = None,
     on_preview: PreviewCallback | None = None,
     sp: SequenceParallel | None = None,
 ) -> Anchor:
     """Sample the low-resolution anchor with the base DiT or the PixelWizard LR model (``sp``: tokens split
-    over a sequence-parallel group, every rank calls this and gets the whole anchor)."""
+    over a sequence-parallel group, every rank calls this and gets the whole anchor). ``batch_cfg``: run
+    both CFG branches as one batch; None: when it fits the GPU's free memory (on a CPU: yes)."""
     check_stage(settings, hr=False)
     device = _device(dit)
+    batch_cfg = _batch_cfg(batch_cfg, True, settings.tokens, device, sp)
     schedule = flow_schedule(settings.steps, settings.shift)
     timesteps = schedule.timesteps.to(device=device, dtype=torch.float32)
 
@@ -77,18 +103,19 @@ def hr_latent(
     settings: StageSettings,
     seed: int,
     *,
-    batch_cfg: bool = False,
+    batch_cfg: bool | None = None,
     on_step: StepCallback | None = None,
     on_preview: PreviewCallback | None = None,
     sp: SequenceParallel | None = None,
 ) -> torch.Tensor:
     """Sample the HR latent [1, 48, T, H/16, W/16] from pure noise, guided by the anchor in both CFG branches
-    (``sp`` as in :func:`lr_anchor`)."""
+    (``sp`` as in :func:`lr_anchor`; ``batch_cfg`` too, but on a CPU the branches run one after the other)."""
     check_stage(settings, hr=True)
     check_anchor_fits(anchor_latent, settings)
     if not isinstance(model, WanHRDiT):
         raise ConfigError("the HR stage needs the PixelWizard HR model (2k/model.pt or 4k/model.pt), not a base DiT")
     device = _device(model)
+    batch_cfg = _batch_cfg(batch_cfg, False, settings.tokens, device, sp)
     schedule = flow_schedule(settings.steps, settings.shift)
     timesteps = schedule.timesteps.to(device=device, dtype=torch.float32)
     step_sizes = schedule.step_sizes.to(device=device, dtype=torch.float32)
