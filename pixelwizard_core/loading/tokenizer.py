@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-import ftfy
 import torch
 
 from ..errors import MissingFileError, WeightFormatError
@@ -52,6 +51,8 @@ SpieceData = Union[bytes, bytearray, memoryview, torch.Tensor]
 
 def clean_text(text: str) -> str:
     """Wan2.2's 'whitespace' prompt cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
+    import ftfy  # only needed to tokenize: the models and pipeline import without it (bare GPU images)
+
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE_RUN.sub(" ", text).strip()
