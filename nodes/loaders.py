@@ -17,8 +17,13 @@ SWAP_BLOCKS = ("INT", {"default": 0, "min": 0, "max": 30, "tooltip": f"block_swa
                        f"about 0.33 GB each; 0 = {DEFAULT_SWAP_BLOCKS}"})
 
 
-def _options(precision: str, attention: str, memory_mode: str, swap_blocks: int = 0) -> dict:
-    return {"precision": precision, "attention": attention, "memory_mode": memory_mode, "swap_blocks": swap_blocks}
+COMPILE = ("BOOLEAN", {"default": False, "tooltip": "torch.compile the DiT blocks: the first sampling step compiles "
+                      "(minutes), later steps and runs are faster; not with block_swap"})
+
+
+def _options(precision: str, attention: str, memory_mode: str, swap_blocks: int = 0, compile: bool = False) -> dict:
+    return {"precision": precision, "attention": attention, "memory_mode": memory_mode, "swap_blocks": swap_blocks,
+            "compile": compile}
 
 
 class PixelWizardWanLoader:
@@ -44,12 +49,13 @@ class PixelWizardWanLoader:
             "optional": {
                 "official_folder": ("STRING", {"default": "", "tooltip": "path of an official Wan-AI/Wan2.2-TI2V-5B folder; overrides the three files"}),
                 "swap_blocks": SWAP_BLOCKS,
+                "compile": COMPILE,
             },
         }
 
     def load(self, diffusion_model, vae, text_encoder, precision, vae_precision, attention, memory_mode, official_folder="",
-             swap_blocks=0):
-        options = _options(precision, attention, memory_mode, swap_blocks)
+             swap_blocks=0, compile=False):
+        options = _options(precision, attention, memory_mode, swap_blocks, compile)
         if official_folder.strip():
             dit_path = vae_path = text_path = official_folder.strip()
         else:
@@ -79,8 +85,8 @@ class PixelWizardCheckpointLoader:
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "weights precision (bf16 as the reference)"}),
             "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: flash-attn on CUDA when installed, else PyTorch SDPA"}),
             "memory_mode": (list(MEMORY_MODES), {"default": "gpu", "tooltip": MEMORY_MODE_TOOLTIP}),
-        }, "optional": {"swap_blocks": SWAP_BLOCKS}}
+        }, "optional": {"swap_blocks": SWAP_BLOCKS, "compile": COMPILE}}
 
-    def load(self, checkpoint, stage, precision, attention, memory_mode, swap_blocks=0):
+    def load(self, checkpoint, stage, precision, attention, memory_mode, swap_blocks=0, compile=False):
         path = host.model_path("diffusion_models", checkpoint)
-        return (ModelHandle.for_file(stage, path, **_options(precision, attention, memory_mode, swap_blocks)),)
+        return (ModelHandle.for_file(stage, path, **_options(precision, attention, memory_mode, swap_blocks, compile)),)

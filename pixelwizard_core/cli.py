@@ -60,6 +60,8 @@ def _add_models(p: argparse.ArgumentParser) -> None:
                         "(small GPUs; ~0.33 GB of bf16 weights off the GPU per block, same output); the DiTs then "
                         "wait on the CPU between stages. 0 = off")
     g.add_argument("--attention", choices=("auto", "sdpa", "flash"), default="auto")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiTs' blocks (same numerics; the first step compiles, later ones are faster)")
 
 
 def _add_prompts(p: argparse.ArgumentParser) -> None:
@@ -183,7 +185,7 @@ def make_models(args: argparse.Namespace, *roles: str) -> Models:
     files.check_kinds(*roles)
     return Models(files, device=args.device, dtype=DTYPES[args.dtype], vae_dtype=DTYPES[args.vae_dtype],
                   load_mode=args.model_load_mode, offload=args.offload_model, t5_cpu=args.t5_cpu,
-                  attention=args.attention, block_swap=args.block_swap)
+                  attention=args.attention, block_swap=args.block_swap, compile_blocks=args.compile)
 
 
 def make_pipeline(args: argparse.Namespace, *roles: str) -> PixelWizard:

@@ -295,6 +295,8 @@ def test_models_of_the_command_line_swap_the_dits(tiny_files):
         Models(files, device="cpu", block_swap=4)
     with pytest.raises(ConfigError, match="--block_swap -2"):
         Models(files, device="cpu", block_swap=-2)
+    with pytest.raises(ConfigError, match="--compile with --block_swap"):
+        Models(files, device="cpu", block_swap=2, compile_blocks=True)
 
 
 def test_cli_option_reaches_the_models(tiny_files):

@@ -233,3 +233,19 @@ def test_full_graph_on_a_two_process_pool_equals_the_local_graph(comfy_env):
 def _running(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split()[2] != "Z"
+
+
+def test_loader_options_reach_the_model_compile_and_block_swap(comfy_env, monkeypatch):
+    from pixelwizard_core.models.dit import WanDiT
+
+    compiled = []
+    monkeypatch.setattr(WanDiT, "compile_blocks", lambda self, **kw: compiled.append(type(self).__name__))
+    loader = N["PixelWizardCheckpointLoader"]()
+    hr = loader.load("PixelWizard/2k/model.pt", "hr", "fp32", "auto", "gpu", 0, True)[0]
+    assert hr.compile and handles.get(hr, torch.device("cpu")) is not None and compiled == ["WanHRDiT"]
+    with pytest.raises(ConfigError, match="torch.compile and block swap"):
+        loader.load("PixelWizard/2k/model.pt", "hr", "fp32", "auto", "block_swap", 2, True)
+    swapped = loader.load("PixelWizard/2k/model.pt", "hr", "fp32", "auto", "block_swap", 2)[0]
+    assert swapped.blocks_to_swap == 2
+    with pytest.raises(ConfigError, match="transformer blocks"):
+        loader.load("PixelWizard/2k/model.pt", "hr", "fp32", "auto", "block_swap", 7)

@@ -95,7 +95,7 @@ class DistributedPixelWizard(PixelWizard):
         swap = models.block_swap if role in DIT_ROLES else 0  # as Models.use: the DiTs swap, wait on the CPU
         mode = "block_swap" if swap else "offload" if models.offload else "gpu"
         return ModelHandle(role, str(models.files.path(role)), precision=precision, attention=models.attention,
-                           memory_mode=mode, swap_blocks=swap)
+                           memory_mode=mode, swap_blocks=swap, compile=models.compile_blocks)
 
     def conditioning(self, prompt: str, negative_prompt: str | None = None) -> TextConditioning:
         with self._stage("text"):

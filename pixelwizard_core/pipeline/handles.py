@@ -61,6 +61,7 @@ class ModelHandle:
     size: int = 0
     mtime_ns: int = 0
     swap_blocks: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.memory_mode not in MEMORY_MODES:
@@ -69,6 +70,9 @@ class ModelHandle:
         if isinstance(swap, bool) or not isinstance(swap, int) or swap < 0:
             raise ConfigError(f"swap_blocks {swap!r}: give a whole number of DiT blocks to stream, 0 for the "
                               f"default ({DEFAULT_SWAP_BLOCKS})")
+        if self.compile and self.memory_mode == "block_swap" and self.role in DIT_ROLES:
+            raise ConfigError("torch.compile and block swap do not go together (the swap moves weights under the "
+                              "compiled blocks): turn one of them off")
 
     @classmethod
     def for_file(cls, role: str, path: str | Path, **options: object) -> "ModelHandle":
@@ -142,12 +146,14 @@ def load(handle: ModelHandle, device: torch.device) -> object:
     model.set_attention_backend(handle.attention)
     if handle.precision == "fp8":
         store_linears_in_fp8(model.blocks)
+    if handle.compile:
+        model.compile_blocks()
     return model
 
 
 def get(handle: ModelHandle, device: torch.device) -> object:
     """The loaded model of ``handle`` (loaded now if it is not cached), at its home for ``device``."""
-    key = (handle.role, handle.path, handle.size, handle.mtime_ns, handle.precision)
+    key = (handle.role, handle.path, handle.size, handle.mtime_ns, handle.precision, handle.compile)
     with _lock:
         if key not in _cache:
             log.info("loading %s model %s", handle.role, handle.path)

@@ -109,14 +109,19 @@ class Models:
         attention: str = "auto",
         prebuilt: dict[str, object] | None = None,
         block_swap: int = 0,
+        compile_blocks: bool = False,
     ) -> None:
         """``block_swap``: 0, or how many of the LR and HR DiTs' last blocks are streamed from the CPU while
-        they run; the DiTs then wait on the CPU between stages whatever ``offload`` says."""
+        they run; the DiTs then wait on the CPU between stages whatever ``offload`` says.
+        ``compile_blocks``: torch.compile the DiTs' blocks (not with block swap)."""
         if load_mode not in LOAD_MODES:
             raise ConfigError(f"model load mode {load_mode!r}: choose one of {', '.join(LOAD_MODES)}")
         if isinstance(block_swap, bool) or not isinstance(block_swap, int) or block_swap < 0:
             raise ConfigError(f"--block_swap {block_swap!r}: give the number of DiT blocks to stream from the "
                               "CPU (0 = off)")
+        if compile_blocks and block_swap:
+            raise ConfigError("--compile with --block_swap: the swap moves weights under the compiled blocks; "
+                              "use one of them")
         self.files = files
         self.device = torch.device(device)
         self.dtype = dtype
@@ -126,6 +131,7 @@ class Models:
         self.t5_cpu = t5_cpu
         self.attention = attention
         self.block_swap = block_swap
+        self.compile_blocks = compile_blocks
         # models built in memory (``generate --demo``): used as if loaded, no file needed
         self._loaded: dict[str, object] = dict(prebuilt or {})
         if block_swap:
@@ -161,7 +167,7 @@ class Models:
     def _load(self, role: str) -> object:
         dtype = self.vae_dtype if role == "vae" else self.dtype
         handle = ModelHandle(role, str(self.files.path(role)), precision=PRECISION_NAMES[dtype],
-                             attention=self.attention)
+                             attention=self.attention, compile=self.compile_blocks)
         log.info("loading %s from %s", role, handle.path)
         return load_handle(handle, self._home(role))
 
