@@ -58,7 +58,8 @@ export const MEMORY = Object.freeze({
   HR_ADAPTER_PARAMS: 93_649_152, // anchor injector, kept in float32
   T5_PARAMS: 5_680_910_336,
   VAE_PARAMS: 704_688_668,
-  DIT_BYTES_PER_TOKEN: 113_664, // one DiT forward, batch 1, bf16 (measured)
+  DIT_BYTES_PER_TOKEN: 51_200, // one lean DiT forward, batch 1, bf16 (measured)
+  DIT_CHUNK_BYTES: 536_870_912, // one token chunk's FFN work, once per forward
   SAMPLER_BYTES_PER_TOKEN: 4_608, // the sampling loop's float32 latents (counted)
   T5_ACTIVATION_BYTES: 536_870_912,
   PRECISION_BYTES: Object.freeze({ bf16: 2, fp16: 2, fp32: 4, fp8: 2 }),
@@ -90,7 +91,7 @@ export function blockSwapSavings(swapBlocks, precision = "bf16") {
 
 /** Working memory of a sampling stage: one DiT forward over batch x tokens, plus the loop's latents. */
 export function ditActivationBytes(tokens, batch = 1) {
-  return batch * tokens * MEMORY.DIT_BYTES_PER_TOKEN + tokens * MEMORY.SAMPLER_BYTES_PER_TOKEN;
+  return batch * tokens * MEMORY.DIT_BYTES_PER_TOKEN + MEMORY.DIT_CHUNK_BYTES + tokens * MEMORY.SAMPLER_BYTES_PER_TOKEN;
 }
 
 /**

@@ -41,7 +41,8 @@ T5_PARAMS = 5_680_910_336
 VAE_PARAMS = 704_688_668  # the whole VAE is loaded (encoder too)
 
 # Activation coefficients (BENCHMARKS.md, "Peak memory estimate": how each was measured or counted).
-DIT_BYTES_PER_TOKEN = 113_664  # 111 KiB: DiT forward, batch 1, bf16 (measured slope 110.9 KiB)
+DIT_BYTES_PER_TOKEN = 51_200  # 50 KiB: lean DiT forward, batch 1, bf16 (measured slope 49.8 KiB)
+DIT_CHUNK_BYTES = 536_870_912  # 512 MiB: one token chunk's FFN work (models.dit.FFN_CHUNK_BYTES; measured 217)
 SAMPLER_BYTES_PER_TOKEN = 4_608  # 6 float32 latents of 768 B per token kept by the sampling loop (counted)
 T5_ACTIVATION_BYTES = 536_870_912  # 512 MiB: umT5 on prompt + negative prompt, 2 x 512 tokens (measured 458)
 VAE_CACHE_BYTES_PER_LATENT_PIXEL = 1_827_200  # float32 causal caches of the decoder (exact count; bf16: half)
@@ -133,7 +134,7 @@ def block_swap_savings(swap_blocks: int, precision: str = "bf16") -> int:
 def dit_activation_bytes(tokens: int, batch: int = 1) -> int:
     """Peak working memory of a sampling stage: one DiT forward over ``batch`` x ``tokens`` tokens, plus
     the loop's latents (sample, kept velocity, anchor, solver history)."""
-    return batch * tokens * DIT_BYTES_PER_TOKEN + tokens * SAMPLER_BYTES_PER_TOKEN
+    return batch * tokens * DIT_BYTES_PER_TOKEN + DIT_CHUNK_BYTES + tokens * SAMPLER_BYTES_PER_TOKEN
 
 
 def decode_bytes(width: int, height: int, *, num_patches: int = 1, overlap: int = 3, patch_dim: str = "w",

@@ -63,8 +63,9 @@ def documented_estimate(c: dict, width: int, height: int, mode: str, frames: int
                   + max(areas) * c["VAE_TRANSIENT_FP32_BYTES_PER_LATENT_PIXEL"]
                   + 48 * (width * height + 2 * 256 * max(areas)))
     work = {"text": 0 if mode == "lowvram" else c["T5_ACTIVATION_BYTES"],
-            "anchor": tokens_lr * (2 * c["DIT_BYTES_PER_TOKEN"] + c["SAMPLER_BYTES_PER_TOKEN"]),
-            "hr": tokens_hr * (c["DIT_BYTES_PER_TOKEN"] + c["SAMPLER_BYTES_PER_TOKEN"]), "decode": decode}
+            "anchor": tokens_lr * (2 * c["DIT_BYTES_PER_TOKEN"] + c["SAMPLER_BYTES_PER_TOKEN"]) + c["DIT_CHUNK_BYTES"],
+            "hr": tokens_hr * (c["DIT_BYTES_PER_TOKEN"] + c["SAMPLER_BYTES_PER_TOKEN"]) + c["DIT_CHUNK_BYTES"],
+            "decode": decode}
     weights = {"text": 0 if mode == "lowvram" else w_t5, "anchor": w_lr, "hr": w_hr, "decode": w_vae}
     if mode == "resident":
         return max(sum(weights.values()) + w for w in work.values())
@@ -175,3 +176,9 @@ def test_generate_demo_writes_a_noise_video_without_files(tmp_path, monkeypatch)
     assert video.float().std() > 0
     assert not (tmp_path / "no_models_here").exists()
     assert seconds < 90, seconds  # about 6 s of CPU time on 2 cores; generous for loaded machines
+
+
+def test_the_chunk_allowance_is_the_dit_chunk_budget():
+    from pixelwizard_core.models.dit import FFN_CHUNK_BYTES
+
+    assert doctor.DIT_CHUNK_BYTES == FFN_CHUNK_BYTES

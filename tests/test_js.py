@@ -57,7 +57,7 @@ def test_vram_estimate_equals_doctors():
     doctor = pytest.importorskip("pixelwizard_core.doctor")
     constants = run_js("L.MEMORY")
     for name in ("DIT_PARAMS", "DIT_BLOCK_LINEAR_PARAMS", "DIT_BLOCKS", "DIT_BLOCK_PARAMS", "HR_DT_PARAMS", "HR_ADAPTER_PARAMS", "T5_PARAMS",
-                 "VAE_PARAMS", "DIT_BYTES_PER_TOKEN", "SAMPLER_BYTES_PER_TOKEN", "T5_ACTIVATION_BYTES",
+                 "VAE_PARAMS", "DIT_BYTES_PER_TOKEN", "DIT_CHUNK_BYTES", "SAMPLER_BYTES_PER_TOKEN", "T5_ACTIVATION_BYTES",
                  "PRECISION_BYTES"):
         assert constants[name] == getattr(doctor, name), f"js/pixelwizard_logic.js MEMORY.{name} != doctor.{name}"
     cases = [(2560, 1440, 121, "bf16"), (3840, 2144, 121, "bf16"), (1280, 704, 81, "fp16"), (2560, 1440, 121, "fp32"),

@@ -51,7 +51,8 @@ test("the HR stage grows with tokens; keeping other models on the GPU adds their
   assert.equal(fourK.hr - offload.hr, (249240 - 111600) * (MEMORY.DIT_BYTES_PER_TOKEN + MEMORY.SAMPLER_BYTES_PER_TOKEN));
   // the LR stage batches both CFG branches over 3,472 tokens
   assert.equal(offload.anchor,
-    weightBytes("lr") + 2 * 3472 * MEMORY.DIT_BYTES_PER_TOKEN + 3472 * MEMORY.SAMPLER_BYTES_PER_TOKEN);
+    weightBytes("lr") + 2 * 3472 * MEMORY.DIT_BYTES_PER_TOKEN + MEMORY.DIT_CHUNK_BYTES
+      + 3472 * MEMORY.SAMPLER_BYTES_PER_TOKEN);
   assert.ok(offload.hr / GIB > 10 && offload.hr / GIB < 100);
 });
 
