@@ -12,22 +12,27 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def anon_rss() -> int:
+def anon_rss(fields: tuple[str, ...] = ("RssAnon",)) -> int:
+    """Bytes of the named /proc/self/status fields, summed (RssShmem adds /dev/shm pages this process maps)."""
+    values = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+        name, _, rest = line.partition(":")
+        if name in fields:
+            values[name] = int(rest.split()[0]) * 1024
+    if len(values) != len(fields):
+        raise RuntimeError(f"no {fields} in /proc/self/status (Linux only)")
+    return sum(values.values())
 
 
 @contextmanager
-def peak_extra_rss(interval: float = 0.002) -> Iterator[dict]:
+def peak_extra_rss(interval: float = 0.002, fields: tuple[str, ...] = ("RssAnon",)) -> Iterator[dict]:
     """Samples every ``interval`` s; on exit the yielded dict holds ``bytes`` (peak above the start)
     and ``seconds`` (wall time of the block)."""
-    result, base, peak, stop = {}, anon_rss(), [0], threading.Event()
+    result, base, peak, stop = {}, anon_rss(fields), [0], threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], anon_rss())
+            peak[0] = max(peak[0], anon_rss(fields))
             time.sleep(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -39,4 +44,4 @@ def peak_extra_rss(interval: float = 0.002) -> Iterator[dict]:
         result["seconds"] = time.perf_counter() - start
         stop.set()
         thread.join()
-        result["bytes"] = max(peak[0], anon_rss()) - base
+        result["bytes"] = max(peak[0], anon_rss(fields)) - base

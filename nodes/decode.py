@@ -31,11 +31,17 @@ def _decode_inputs() -> dict:
 
 def _stream(wan, latent: dict, num_patches: int, patch_dim: str, overlap: int, blend: str, order: str, pool=None):
     """Decoded chunks [1, 3, n, H, W] in order; the VAE is on the device only while this runs. With a
-    pool the workers decode the tiles and the whole video comes back at once (it must fit in RAM)."""
+    pool the workers decode the tiles, in the same two orders: "frame" streams chunks of 1 then 4 frames
+    as every worker sends them (each worker holds all of its tiles' caches); "tile" has each worker decode
+    its tiles one at a time and the whole video comes back at once (it must fit in RAM)."""
     normalised = from_comfy_latent(latent)
     if pool is not None:
         settings = DecodeSettings(num_patches=num_patches, patch_dim=patch_dim, overlap=overlap, blend=blend)
-        yield pool.acquire().decode(wan.vae, normalised, settings, **host.pool_control("decode"))
+        workers, control = pool.acquire(), host.pool_control("decode")
+        if order == "frame":
+            yield from workers.decode_stream(wan.vae, normalised, settings, **control)
+        else:
+            yield workers.decode(wan.vae, normalised, settings, **control)
         return
     with handles.opened(wan.vae, host.device()) as vae:
         yield from tiled_decode_stream(vae, normalised, num_patches=num_patches, patch_dim=patch_dim, overlap=overlap,

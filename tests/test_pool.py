@@ -1,18 +1,22 @@
 """The worker pool on CPU (2 gloo processes): results equal one process, models stay resident between
-jobs, interrupt, worker death, timeout, shutdown, and nothing listening beyond loopback."""
+jobs, interrupt, worker death, timeout, shutdown, the streamed decode, and nothing listening beyond
+loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_distributed import handles, one_thread, relative_error, write_weights
 
-from pixelwizard_core.distributed.pool import JobInterrupted, JobTimeout, WorkerError, WorkerPool
+from pixelwizard_core.distributed.pool import STREAM_AHEAD, JobInterrupted, JobTimeout, WorkerError, WorkerPool
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline.handles import ModelHandle, load
 from pixelwizard_core.pipeline.presets import StageSettings
@@ -23,6 +27,7 @@ from pixelwizard_core.pipeline.tiled_decode import tiled_decode
 LR = StageSettings(128, 64, 5, 3, 5.0, 5.0)
 HR = StageSettings(256, 128, 5, 2, 5.5, 5.0)
 DECODE = DecodeSettings(num_patches=3, overlap=1)
+STREAM_FRAMES = 6  # latent frames of the streamed decode tests: more than STREAM_AHEAD + 2
 PROMPT = "a red fox in snow"
 
 
@@ -213,4 +218,105 @@ def test_dead_worker_fails_the_job_quickly_then_a_fresh_pool_runs(weights, singl
     with pytest.raises(JobTimeout, match="did not finish within 1.5 s"):
         pool.lr_anchor(weights["lr"], single["text"], long_run, 1, timeout=1.5)
     assert time.monotonic() - start < 30 and children() <= before
+
+    stream = pool.decode_stream(weights["vae"], torch.randn(1, 48, STREAM_FRAMES, 8, 16), DECODE)
+    next(stream)
+    os.kill(pool.pids[0], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"worker 0 \(pid \d+\) failed during decode_stream: it was killed"):
+        list(stream)
+    assert time.monotonic() - start < 30 and children() <= before and not pool.alive
     pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def long_latent() -> torch.Tensor:
+    return torch.randn(1, 48, STREAM_FRAMES, 8, 16, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def long_video(weights, long_latent) -> torch.Tensor:
+    """The single-process tiled decode of ``long_latent``, one thread like each worker."""
+    with one_thread():
+        return tiled_decode(load(weights["vae"], torch.device("cpu")), long_latent, num_patches=3, overlap=1)
+
+
+def test_streamed_decode_equals_the_whole_decode_and_comes_before_the_end(pool, weights, long_latent, long_video):
+    """Chunks of 1 then 4 frames whose concatenation is bit for bit the whole pool decode and the
+    one-process tiled decode; the first chunk comes while the workers still work, and they stop
+    STREAM_AHEAD latent frames ahead of the consumer (each piece sent and not yet received is a file)."""
+    steps, chunks = [], []
+    tiles, total = 3, 3 * STREAM_FRAMES
+    with contextlib.closing(pool.decode_stream(weights["vae"], long_latent, DECODE,
+                                               on_step=lambda d, t: steps.append((d, t)))) as stream:
+        chunks.append(next(stream))
+        assert steps[-1][0] < total  # a chunk before the workers' last progress
+        sent_ahead = wait_for_files(pool, tiles * STREAM_AHEAD)
+        time.sleep(0.3)  # time to run further ahead, if they did not wait for the consumer
+        assert sent_ahead == tiles * STREAM_AHEAD == len(list(pool._folder.glob("t*.bin")))
+        chunks.extend(stream)
+    assert [c.shape[2] for c in chunks] == [1] + [4] * (STREAM_FRAMES - 1)
+    assert all(c.dtype == torch.float32 and c.shape[-2:] == (128, 256) for c in chunks)
+    assert pool.last_report.job == "decode_stream" and steps[-1] == (total, total)
+    assert not list(pool._folder.glob("t*.bin"))
+    streamed = torch.cat(chunks, dim=2)
+    assert torch.equal(streamed, long_video)
+    assert torch.equal(pool.decode(weights["vae"], long_latent, DECODE), long_video)
+
+
+def wait_for_files(pool: WorkerPool, count: int, limit_s: float = 20.0) -> int:
+    """How many tensor files the workers have sent and the parent not yet received, once there are
+    ``count`` (or more), or after ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while (found := len(list(pool._folder.glob("t*.bin")))) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
+
+
+def test_streamed_decode_stops_on_interrupt_and_when_closed(pool, weights, long_latent, long_video):
+    """Interrupt, Cancel polled by the pool, and a consumer that stops early: each stops the workers
+    within about a latent frame, leaves no thread or tensor file behind, and the same workers run the
+    next job."""
+    pool.start()
+    pids, threads = pool.pids, threading.active_count()
+    steps = []
+    stream = pool.decode_stream(weights["vae"], long_latent, DECODE, on_step=lambda d, t: steps.append(d))
+    with pytest.raises(JobInterrupted, match="decode_stream was interrupted"):
+        for index, _ in enumerate(stream):
+            pool.interrupt()
+    assert index == 0 and max(steps) < 3 * STREAM_FRAMES and pool.pids == pids
+
+    taken = []
+    with pytest.raises(JobInterrupted):
+        for chunk in pool.decode_stream(weights["vae"], long_latent, DECODE, should_stop=lambda: bool(taken)):
+            taken.append(chunk)
+    assert len(taken) == 1 and pool.pids == pids
+
+    stream = pool.decode_stream(weights["vae"], long_latent, DECODE)
+    try:
+        first = next(stream)
+        with pytest.raises(ConfigError, match="still has a streamed decode of this worker pool open"):
+            pool.describe()  # would wait for itself forever
+        wait_for_files(pool, 3 * STREAM_AHEAD)  # the workers now wait for the consumer: closing must reach them
+    finally:
+        stream.close()
+    assert torch.equal(first, long_video[:, :, :1])
+    assert threading.active_count() == threads and pool.pids == pids and pool.alive
+    assert not list(pool._folder.glob("t*.bin"))  # every piece sent was received (and its file removed)
+    assert torch.equal(torch.cat(list(pool.decode_stream(weights["vae"], long_latent, DECODE)), dim=2), long_video)
+
+
+def test_decode_to_video_node_streams_from_the_pool(pool, weights, long_latent, long_video):
+    """The decode nodes' chunk source with a pool: frame order streams the workers' chunks (tile order
+    still returns the whole video at once), both the local decode's frames."""
+    from nodes.decode import _stream
+    from pixelwizard_core.models.vae import denormalize_latent
+
+    wan, spec = SimpleNamespace(vae=weights["vae"]), SimpleNamespace(acquire=lambda: pool)
+    raw = {"samples": denormalize_latent(long_latent)}
+    chunks = list(_stream(wan, raw, 3, "w", 1, "cosine", "frame", spec))
+    assert len(chunks) == STREAM_FRAMES and pool.last_report.job == "decode_stream"
+    whole = list(_stream(wan, raw, 3, "w", 1, "cosine", "tile", spec))
+    assert len(whole) == 1 and pool.last_report.job == "decode_tiles"
+    assert torch.equal(torch.cat(chunks, dim=2), whole[0])
+    assert (whole[0] - long_video).abs().max() <= 1e-5  # the latent went through the node's conversion

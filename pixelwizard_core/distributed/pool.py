@@ -8,6 +8,8 @@ process (ComfyUI, or any Python program).
     anchor = pool.lr_anchor(dit_file, text, lr_settings, seed=100)
     latent = pool.hr_latent(hr_file, anchor, text, hr_settings, seed=10000)
     video = pool.decode(vae_file, latent, DecodeSettings(num_patches=4))   # tiles split over the 4
+    for chunk in pool.decode_stream(vae_file, latent, DecodeSettings(num_patches=4)):
+        writer.append(chunk)                                   # or streamed, a few frames at a time
     pool.shutdown()
 
 Workers are separate interpreters (``python -m pixelwizard_core.distributed.worker``), one per GPU with
@@ -18,6 +20,14 @@ between jobs with their models resident, cached by file identity, so the second 
 Models are given as :class:`~pixelwizard_core.pipeline.handles.ModelHandle` or as paths.
 
 Results come back as CPU tensors (large ones through files in /dev/shm, see :mod:`.transport`).
+
+The two decodes mirror the single-process tiled decode's two orders. ``decode`` has each worker decode
+its tiles one after the other, whole (one tile's cache on its GPU at a time), and blends the whole video
+here: host memory holds every tile and the video (about 25 GB at 4K, 121 frames). ``decode_stream`` has
+each worker decode its tiles in lockstep, latent frame by latent frame (all of its tiles' caches on its
+GPU, as ``order="frame"``), and yields each chunk of 1 then 4 frames as soon as every tile's piece of it
+has arrived; the workers run at most ``STREAM_AHEAD`` latent frames ahead of the consumer, so host memory
+holds a few chunks whatever the video's length. Both give the same video.
 
 Failure and control:
 
@@ -34,6 +44,7 @@ Failure and control:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -45,7 +56,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing import Pipe
@@ -62,6 +73,7 @@ from ..pipeline.presets import StageSettings, check_stage
 from ..pipeline.runner import DecodeSettings
 from ..pipeline.stages import check_anchor_fits
 from ..pipeline.text import TextConditioning
+from ..pipeline.tiled_decode import BlendPlan
 from .session import JobInterrupted, ParallelConfig, check_model_degree, resolve_backend
 from .tiles import blend_tiles, plan_for_latent
 from .transport import discard_files, receive, send, shared_folder
@@ -72,6 +84,7 @@ Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
 POLL_S = 0.1
 STOP_GRACE_S = 5.0
+STREAM_AHEAD = 2  # latent frames a streamed decode's workers may send beyond the chunk last yielded
 
 __all__ = ["WorkerPool", "PoolSpec", "WorkerError", "JobTimeout", "JobInterrupted", "acquire", "shutdown_all",
            "parse_devices"]
@@ -141,7 +154,9 @@ class WorkerPool:
         self._store = self._listener = self._folder = None
         self._job_ids = itertools.count(1)
         self._job: int | None = None
+        self._interrupted: int | None = None  # the job interrupt() was last called for
         self._job_lock = threading.Lock()  # one job at a time
+        self._streaming: int | None = None  # the thread whose streamed decode holds the job lock
         self._send_lock = threading.Lock()  # interrupt() may come from another thread
         _POOLS.add(self)
 
@@ -195,12 +210,33 @@ class WorkerPool:
     def decode(self, model: ModelHandle | str | Path, latent: torch.Tensor,
                settings: DecodeSettings = DecodeSettings(), **control) -> torch.Tensor:
         """Tiled decode with the tiles split over the workers: video [B, 3, F, H, W] float32 in [-1, 1]
-        (CPU), the single-process tiled decode's result (see :mod:`.tiles`). Progress counts tile-frames of
-        all workers."""
+        (CPU), the single-process tiled decode's result (see :mod:`.tiles`). Each worker decodes its tiles
+        one at a time, whole; the whole video and all tiles are in host memory here at the end (prefer
+        :meth:`decode_stream` when the frames go to a file). Progress counts tile-frames of all workers."""
         handle = as_handle(model, "vae")
         plan = plan_for_latent(latent, settings)
         results = self._run("decode_tiles", {"handle": handle, "latent": latent, "settings": settings}, **control)
         return blend_tiles(plan, {index: piece for part in results for index, piece in part.items()})
+
+    def decode_stream(self, model: ModelHandle | str | Path, latent: torch.Tensor,
+                      settings: DecodeSettings = DecodeSettings(), **control) -> Iterator[torch.Tensor]:
+        """The tiled decode streamed: yields chunks [B, 3, n, H, W] float32 in [-1, 1] (CPU) in frame order,
+        n = 1 for the first latent frame and 4 after; concatenated they are :meth:`decode`'s video.
+
+        Each worker decodes its tiles in lockstep, one latent frame at a time (the causal caches of all
+        of its tiles stay on its GPU, as the single-process ``order="frame"``: one tile's with as many
+        workers as tiles), and sends that frame's weighted pieces; a chunk is blended once every tile's
+        piece of it is here, and the pieces are dropped. Host memory holds a few chunks at any time: the
+        workers wait when they are ``STREAM_AHEAD`` latent frames ahead of the chunk last yielded (the time
+        the consumer takes does not count against ``timeout``).
+
+        Arguments are checked now; the job starts at the first ``next`` and holds the pool until the
+        generator ends: close it (or leave the ``for`` loop) to stop early, which interrupts the workers
+        and leaves the pool ready for the next job. Interrupts, host cancels, worker deaths and timeouts
+        end it as they end the other jobs."""
+        handle = as_handle(model, "vae")
+        plan = plan_for_latent(latent, settings)
+        return self._decode_chunks(handle, latent, settings, plan, **control)
 
     def describe(self) -> list[dict]:
         """Per worker: its resident models with the parameters it holds, and its peak memory."""
@@ -230,6 +266,7 @@ class WorkerPool:
         job = self._job
         if job is None:
             return
+        self._interrupted = job  # a streamed decode yields nothing more, even chunks already here
         for worker in self._workers:
             try:
                 self._send(worker, ("interrupt", job))
@@ -288,79 +325,105 @@ class WorkerPool:
         with self._send_lock:
             send(worker.conn, message, self._folder)
 
+    @contextlib.contextmanager
+    def _exclusive(self, streaming: bool = False) -> Iterator[None]:
+        """The job lock (one job at a time). A thread whose own streamed decode is still open would wait
+        for itself forever: it is told instead."""
+        if self._streaming == threading.get_ident():
+            raise ConfigError("this thread still has a streamed decode of this worker pool open; finish it or "
+                              "close it (leave its for loop) before starting another job on the pool")
+        with self._job_lock:
+            if streaming:
+                self._streaming = threading.get_ident()
+            try:
+                yield
+            finally:
+                if streaming:
+                    self._streaming = None
+
+    def _open(self, name: str, kwargs: dict) -> int:
+        """Start the workers if needed and send them job ``name``; its id (also in ``self._job``)."""
+        self.start()
+        job = self._job = next(self._job_ids)
+        for worker in self._workers:
+            try:
+                self._send(worker, ("job", job, name, kwargs))
+            except OSError:  # it died since start() looked
+                self._fail(worker, name, self._exit_description(worker))
+        return job
+
     def _run(self, name: str, kwargs: dict, *, on_step: Progress | None = None,
              should_stop: StopCheck | None = None, timeout: float | None = None) -> list:
         """Send one job to every worker; the results in rank order."""
-        with self._job_lock:
-            self.start()
-            job = next(self._job_ids)
+        with self._exclusive():
             started = time.perf_counter()
-            self._job = job
             try:
-                for worker in self._workers:
-                    try:
-                        self._send(worker, ("job", job, name, kwargs))
-                    except OSError:  # it died since start() looked
-                        self._fail(worker, name, self._exit_description(worker))
+                job = self._open(name, kwargs)
                 results, infos = self._collect(job, name, on_step, should_stop, timeout or self.timeout)
             finally:
                 self._job = None
             self.last_report = JobReport(name, time.perf_counter() - started, infos)
             return results
 
+    def _decode_chunks(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings, plan: BlendPlan,
+                       *, on_step: Progress | None = None, should_stop: StopCheck | None = None,
+                       timeout: float | None = None) -> Iterator[torch.Tensor]:
+        """The generator of :meth:`decode_stream`: the job runs while it is iterated."""
+        name, tiles = "decode_stream", len(plan.tiles)
+        received: dict[int, dict[int, torch.Tensor]] = {}  # latent frame -> tile index -> weighted piece
+
+        def keep(frame: int, pieces: dict[int, torch.Tensor]) -> None:
+            received.setdefault(frame, {}).update(pieces)
+
+        with self._exclusive(streaming=True):
+            started, replies = time.perf_counter(), None
+            try:
+                job = self._open(name, {"handle": handle, "latent": latent, "settings": settings})
+                replies = _Replies(self, job, name, on_step, should_stop, timeout or self.timeout, on_part=keep)
+                self._allow(job, STREAM_AHEAD)
+                for frame in range(latent.shape[2]):
+                    replies.wait_for(lambda: len(received.get(frame, ())) == tiles, f"latent frame {frame}")
+                    chunk = blend_tiles(plan, received.pop(frame))
+                    self._allow(job, frame + 1 + STREAM_AHEAD)
+                    replies.hold()
+                    yield chunk
+                    replies.resume()
+                    del chunk
+                _, infos = replies.finish()
+                self.last_report = JobReport(name, time.perf_counter() - started, infos)
+            finally:
+                if replies is not None and replies.pending:  # the consumer stopped early (or this thread was hit)
+                    self._abandon(replies)
+                self._job = None
+
+    def _allow(self, job: int, limit: int) -> None:
+        """Let the workers send the parts of ``job`` below ``limit`` (a dead worker is reported by polling)."""
+        for worker in self._workers:
+            try:
+                self._send(worker, ("credit", job, limit))
+            except OSError:
+                pass
+
+    def _abandon(self, replies: _Replies) -> None:
+        """Stop a job whose caller went away: interrupt it and read every worker's remaining messages
+        (dropping their parts) until each has stopped, so the pool is ready for the next job. A worker
+        that dies meanwhile tears the pool down; that is logged, not raised (the caller's own exception,
+        if any, is the one that matters)."""
+        replies.resume()
+        replies.on_step = replies.should_stop = replies.on_part = None
+        replies.raised = None
+        self.interrupt()
+        try:
+            replies.finish()
+        except JobInterrupted:
+            pass
+        except WorkerError as error:
+            log.warning("while stopping an abandoned %s: %s", replies.name, error)
+
     def _collect(self, job: int | None, name: str, on_step: Progress | None, should_stop: StopCheck | None,
                  timeout: float | None) -> tuple[list, list]:
-        """Wait for every worker's reply to ``job`` (None: the start-up 'ready'), watching for deaths,
-        the time limit and stop requests. An exception raised by ``on_step`` or ``should_stop`` (a host's
-        own way to cancel) interrupts the job; once every worker has stopped it is raised here."""
-        results, infos, progress = [None] * self.world_size, [{}] * self.world_size, {}
-        pending = {w.conn: w for w in self._workers}
-        interrupted: list[str] = []
-        raised: BaseException | bool | None = None  # True: should_stop asked; an exception: a callback raised
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while pending:
-            if should_stop is not None and raised is None:
-                raised = self._call_host(should_stop, honour_result=True)
-            for conn in wait(list(pending), timeout=POLL_S):
-                worker = pending[conn]
-                try:
-                    message = receive(conn)
-                except (EOFError, OSError):
-                    self._fail(worker, name, self._exit_description(worker))
-                kind = message[0]
-                if kind == "progress" and message[1] == job:
-                    progress[message[2]] = message[3:]
-                    if on_step is not None and raised is None:
-                        done, total = (sum(v[i] for v in progress.values()) for i in (0, 1))
-                        raised = self._call_host(lambda: on_step(done, total), honour_result=False)
-                elif kind == "ready" and job is None:
-                    worker.pid = message[2]
-                    del pending[conn]
-                elif kind in ("done", "interrupted") and message[1] == job:
-                    if kind == "done":
-                        results[worker.rank], infos[worker.rank] = message[3], message[4]
-                    else:
-                        interrupted.append(message[3])
-                    del pending[conn]
-                elif kind == "error":
-                    log.error("worker %d traceback:\n%s", worker.rank, message[4])
-                    dead = self._dead_worker()
-                    if dead is not None:  # the root cause: the others only lost their peer
-                        self._fail(dead, name, f"{self._exit_description(dead)} (then worker {worker.rank}: "
-                                               f"{message[3]})")
-                    self._fail(worker, name, message[3], message[4])
-            for worker in list(pending.values()):
-                if worker.process.poll() is not None:
-                    self._fail(worker, name, self._exit_description(worker))
-            if deadline is not None and time.monotonic() > deadline:
-                self._teardown()
-                raise JobTimeout(f"{name} did not finish within {timeout:g} s; the worker pool was shut down "
-                                 "(the next job starts fresh workers); allow more time or use more GPUs")
-        if raised is not None and not isinstance(raised, bool):
-            raise raised
-        if interrupted:
-            raise JobInterrupted(f"{name} was interrupted ({interrupted[0]}); the worker pool is still running")
-        return results, infos
+        """Every worker's reply to ``job`` (None: the start-up 'ready'): see :class:`_Replies`."""
+        return _Replies(self, job, name, on_step, should_stop, timeout).finish()
 
     def _call_host(self, callback: Callable[[], object], honour_result: bool) -> BaseException | bool | None:
         """Run a host callback; an exception from it, or a true result when ``honour_result``
@@ -414,6 +477,120 @@ class WorkerPool:
             discard_files(self._folder)
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+
+
+class _Replies:
+    """The workers' replies to one job (``job`` None: the start-up 'ready'), read as they arrive while
+    watching for deaths, the time limit and stop requests. An exception raised by ``on_step`` or
+    ``should_stop`` (a host's own way to cancel) interrupts the job; :meth:`finish` raises it once every
+    worker has stopped. A streamed job's parts go to ``on_part(index, part)`` as they arrive."""
+
+    def __init__(self, pool: WorkerPool, job: int | None, name: str, on_step: Progress | None,
+                 should_stop: StopCheck | None, timeout: float | None,
+                 on_part: Callable[[int, object], None] | None = None) -> None:
+        self.pool, self.job, self.name, self.timeout = pool, job, name, timeout
+        self.on_step, self.should_stop, self.on_part = on_step, should_stop, on_part
+        self.results, self.infos = [None] * pool.world_size, [{}] * pool.world_size
+        self.progress: dict[int, tuple] = {}
+        self.pending = {w.conn: w for w in pool._workers}
+        self.interrupted: list[str] = []
+        self.raised: BaseException | bool | None = None  # True: should_stop asked; an exception: a callback raised
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._held: float | None = None
+
+    def poll(self) -> None:
+        """Handle what arrives within ``POLL_S``. A dead worker or the time limit tears the pool down and
+        raises (then nothing is pending any more)."""
+        try:
+            self._poll()
+        except WorkerError:
+            self.pending.clear()
+            raise
+
+    def finish(self) -> tuple[list, list]:
+        """Wait for every worker's reply; the results and reports in rank order."""
+        while self.pending:
+            self.poll()
+        if self.raised is not None and not isinstance(self.raised, bool):
+            raise self.raised
+        if self.interrupted:
+            raise JobInterrupted(f"{self.name} was interrupted ({self.interrupted[0]}); the worker pool is still "
+                                 "running")
+        return self.results, self.infos
+
+    def wait_for(self, ready: Callable[[], bool], what: str) -> None:
+        """Poll until ``ready()``; when a stop was asked or every worker has ended without it, wait for
+        the others to stop and raise why."""
+        self._ask_host()
+        while True:
+            if self.raised is not None or self.pool._interrupted == self.job:
+                self.finish()
+                raise JobInterrupted(f"{self.name} was interrupted; the worker pool is still running")
+            if ready():
+                return
+            if not self.pending:
+                self.finish()
+                raise PixelWizardError(f"the workers ended {self.name} without sending {what}; please report this")
+            self.poll()
+
+    def hold(self) -> None:
+        """The caller has the job's output: its time does not count against the time limit."""
+        self._held = time.monotonic()
+
+    def resume(self) -> None:
+        if self._held is not None and self.deadline is not None:
+            self.deadline += time.monotonic() - self._held
+        self._held = None
+
+    def _ask_host(self) -> None:
+        if self.should_stop is not None and self.raised is None:
+            self.raised = self.pool._call_host(self.should_stop, honour_result=True)
+
+    def _poll(self) -> None:
+        pool = self.pool
+        self._ask_host()
+        for conn in wait(list(self.pending), timeout=POLL_S):
+            worker = self.pending[conn]
+            try:
+                message = receive(conn)
+            except (EOFError, OSError):
+                pool._fail(worker, self.name, pool._exit_description(worker))
+            self._handle(worker, message)
+        for worker in list(self.pending.values()):
+            if worker.process.poll() is not None:
+                pool._fail(worker, self.name, pool._exit_description(worker))
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            pool._teardown()
+            raise JobTimeout(f"{self.name} did not finish within {self.timeout:g} s; the worker pool was shut down "
+                             "(the next job starts fresh workers); allow more time or use more GPUs")
+
+    def _handle(self, worker: _Worker, message: tuple) -> None:
+        kind, pool = message[0], self.pool
+        if kind == "progress" and message[1] == self.job:
+            self.progress[message[2]] = message[3:]
+            if self.on_step is not None and self.raised is None:
+                done, total = (sum(v[i] for v in self.progress.values()) for i in (0, 1))
+                on_step = self.on_step
+                self.raised = pool._call_host(lambda: on_step(done, total), honour_result=False)
+        elif kind == "piece" and message[1] == self.job:
+            if self.on_part is not None:
+                self.on_part(message[3], message[4])
+        elif kind == "ready" and self.job is None:
+            worker.pid = message[2]
+            del self.pending[worker.conn]
+        elif kind in ("done", "interrupted") and message[1] == self.job:
+            if kind == "done":
+                self.results[worker.rank], self.infos[worker.rank] = message[3], message[4]
+            else:
+                self.interrupted.append(message[3])
+            del self.pending[worker.conn]
+        elif kind == "error":
+            log.error("worker %d traceback:\n%s", worker.rank, message[4])
+            dead = pool._dead_worker()
+            if dead is not None:  # the root cause: the others only lost their peer
+                pool._fail(dead, self.name, f"{pool._exit_description(dead)} (then worker {worker.rank}: "
+                                            f"{message[3]})")
+            pool._fail(worker, self.name, message[3], message[4])
 
 
 def as_handle(model: ModelHandle | str | Path, role: str) -> ModelHandle:

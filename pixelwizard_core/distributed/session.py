@@ -9,7 +9,8 @@ the same code. Every rank calls every job; ranks that have nothing to do for a j
 - FSDP (``dit_fsdp`` / ``t5_fsdp``): the DiTs / the text encoder are sharded over all ranks, one unit per
   block (:mod:`.fsdp`); every rank then runs every forward of that model.
 - Without ``t5_fsdp`` only rank 0 loads and runs the text encoder.
-- Decode: rank r decodes tiles r, r + N, ... (:mod:`.tiles`).
+- Decode: rank r decodes tiles r, r + N, ... (:mod:`.tiles`), whole (``decode_tiles``) or in lockstep,
+  latent frame by latent frame (``decode_stream``, which the pool's worker sends on as it goes).
 
 Models stay resident between jobs, cached per role by file identity (path, size, modification time), so
 a second job with the same files loads nothing; a different file for a role replaces that role's model.
@@ -44,7 +45,7 @@ from ..pipeline.presets import StageSettings
 from ..pipeline.runner import DecodeSettings
 from ..pipeline.stages import hr_latent, lr_anchor
 from ..pipeline.text import TextConditioning, TextEncoder
-from .tiles import decode_tiles, plan_for_latent, tiles_of_rank
+from .tiles import decode_tiles, decode_tiles_stream, plan_for_latent, tiles_of_rank
 from .ulysses import UlyssesGroup
 
 log = logging.getLogger("pixelwizard")
@@ -289,6 +290,20 @@ class Session:
         self.check_stop("decode", agree=False)
         with self._placed(_role(handle, "vae")) as vae:
             return decode_tiles(vae, latent, plan, indices, self._callback("decode", agree=False, report=True))
+
+    def decode_stream(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings
+                      ) -> Iterator[dict[int, torch.Tensor]]:
+        """This rank's tiles decoded in lockstep: per latent frame, {tile index: weighted piece} on the CPU
+        (see :func:`.tiles.decode_tiles_stream`); nothing on a rank without tiles. The VAE stays placed
+        while the generator runs; close it to free the tiles' caches."""
+        plan = plan_for_latent(latent, settings)
+        indices = tiles_of_rank(len(plan.tiles), self.rank, self.world_size)
+        if not indices:
+            return
+        self.check_stop("decode", agree=False)
+        with self._placed(_role(handle, "vae")) as vae:
+            yield from decode_tiles_stream(vae, latent, plan, indices,
+                                           self._callback("decode", agree=False, report=True))
 
     # --- moving results between ranks (torchrun; the pool's parent collects from each worker instead) ---
     def share(self, value: object, src: int = 0) -> object:

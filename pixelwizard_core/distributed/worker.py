@@ -4,13 +4,21 @@ FD is this end of a private socket pair to the parent. The first message is the 
 size, device, backend, rendezvous port, parallel options); the worker joins the process group over the
 parent's TCP store on 127.0.0.1, says ``ready``, then runs jobs until told to shut down.
 
-A reader thread receives everything the parent sends: jobs go to the main thread, interrupts are
-recorded at once (the running job checks them after every step and tile). When the parent disappears
-the socket closes and the worker exits by itself, so it never outlives the ComfyUI / CLI process.
+A reader thread receives everything the parent sends: jobs go to the main thread, interrupts and
+credits are recorded at once (the running job checks interrupts after every step and tile).
+
+When the parent disappears the socket closes and the worker exits by itself, so it never outlives the
+ComfyUI / CLI process.
+
+A streamed job (``decode_stream``) sends its result in parts as it goes: ``("piece", job, rank, index,
+part)`` for part 0, 1, ... (a latent frame's weighted tile pieces), then ``done`` with no result. The
+parent lets it run only a few parts ahead of what its consumer has taken: ``("credit", job, limit)``
+allows parts below ``limit``, and a worker that reaches the limit waits (still answering interrupts),
+so the parent holds a bounded number of parts however long the video and however slow its consumer.
 
 Replies: ``("ready", rank, pid)``, ``("progress", job, rank, done, total)``,
-``("done", job, rank, result, info)``, ``("interrupted", job, rank, message)`` and
-``("error", job, rank, message, traceback)``.
+``("piece", job, rank, index, part)``, ``("done", job, rank, result, info)``,
+``("interrupted", job, rank, message)`` and ``("error", job, rank, message, traceback)``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -37,7 +46,9 @@ from .transport import receive, send
 
 log = logging.getLogger("pixelwizard")
 
-JOBS = ("encode_text", "lr_anchor", "hr_latent", "decode_tiles", "describe")
+JOBS = ("encode_text", "lr_anchor", "hr_latent", "decode_tiles", "decode_stream", "describe")
+STREAMED = ("decode_stream",)  # their job method returns an iterator of parts, sent one by one
+CREDIT_POLL_S = 0.5
 
 
 class Channel:
@@ -49,6 +60,8 @@ class Channel:
         self.interrupted: set[int] = set()
         self.closing = False
         self._lock = threading.Lock()
+        self._credit = (None, 0)  # (job, parts it may send): only the latest, jobs run one at a time
+        self._changed = threading.Condition()
 
     def start_reader(self) -> None:
         threading.Thread(target=self._read, name="pixelwizard-pool-reader", daemon=True).start()
@@ -58,7 +71,13 @@ class Channel:
             while True:
                 message = receive(self.conn)
                 if message[0] == "interrupt":
-                    self.interrupted.add(message[1])
+                    with self._changed:
+                        self.interrupted.add(message[1])
+                        self._changed.notify_all()
+                elif message[0] == "credit":
+                    with self._changed:
+                        self._credit = (message[1], message[2])
+                        self._changed.notify_all()
                 else:
                     self.jobs.put(message)
                     if message[0] == "shutdown":
@@ -74,6 +93,29 @@ class Channel:
     def send(self, message: tuple) -> None:
         with self._lock:
             send(self.conn, message, self.folder)
+
+    def wait_credit(self, job: int, part: int) -> None:
+        """Block until the parent allows ``part`` of ``job``; raises JobInterrupted when it is interrupted
+        meanwhile (the parent's consumer stopped, or Cancel)."""
+        with self._changed:
+            while not (self._credit[0] == job and part < self._credit[1]):
+                if job in self.interrupted:
+                    raise JobInterrupted(f"interrupted before sending part {part}")
+                self._changed.wait(CREDIT_POLL_S)
+
+
+def send_parts(channel: Channel, job: int, rank: int, parts: Iterator[object]) -> None:
+    """Send each part of a streamed job as soon as the parent allows it; closing ``parts`` at the end
+    (or on an interrupt) frees what the job holds (the tiles' caches)."""
+    try:
+        for index, part in enumerate(parts):
+            channel.wait_credit(job, index)
+            channel.send(("piece", job, rank, index, part))
+            del part  # not kept while the next part is decoded
+    finally:
+        close = getattr(parts, "close", None)
+        if close is not None:
+            close()
 
 
 def _cpu_seconds() -> float:
@@ -92,6 +134,9 @@ def run_job(session: Session, channel: Channel, message: tuple) -> None:
         if name not in JOBS:
             raise ValueError(f"unknown job {name!r}")
         result = getattr(session, name)(**kwargs)
+        if name in STREAMED:
+            send_parts(channel, job, rank, result)
+            result = None
     except JobInterrupted as error:
         channel.send(("interrupted", job, rank, str(error)))
         return
