@@ -217,6 +217,96 @@ def test_torchrun_generate_with_ulysses_and_fsdp_equals_one_process(files, tmp_p
     assert tuple(read_video(tmp_path / "many" / "0.mp4").shape) == (5, 128, 256, 3)
 
 
+STREAM_DECODE = {"num_patches": 3, "overlap": 1}  # 3 tiles: rank 0 decodes tiles 0 and 2, rank 1 tile 1
+
+
+def _torchrun_decode_worker(rank: int, port: int, vae: str, latent_file: str, out: str, result: str) -> None:
+    """One rank of ``torchrun ... generate``'s decode (DistributedPixelWizard.decode, without the CLI around it):
+    a decode that rank 1 interrupts, one whose output rank 0 refuses, one that rank 0 fails to write, then
+    order "frame" and "tile", with a spy on the blending that records how many frames each call blends."""
+    from pixelwizard_core.distributed import launch
+    from pixelwizard_core.distributed.session import JobInterrupted, Session, init_process_group
+    from pixelwizard_core.pipeline.models import ModelFiles, Models
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_process_group("gloo", rank=rank, world_size=2, timeout_s=60)  # a rank left waiting fails in a minute
+    try:
+        pw = launch.DistributedPixelWizard(Models(ModelFiles(vae=Path(vae)), device="cpu"), Session())
+        latent, folder, record = torch.load(latent_file), Path(out), {}
+        blends, blend = [], launch.blend_tiles
+
+        def spy(plan, pieces):
+            video = blend(plan, pieces)
+            blends.append(video)
+            return video
+
+        launch.blend_tiles = spy
+        steps = []
+        pw.session.should_stop = lambda: rank == 1 and len(steps) >= 2  # rank 1 stops in latent frame 1
+        try:
+            pw.decode(latent, folder / "stopped.mp4", DecodeSettings(**STREAM_DECODE),
+                      on_step=lambda d, t: steps.append(d))
+        except JobInterrupted as error:
+            record["stopped"] = str(error)
+        record["stop_steps"], record["stop_blends"] = steps, len(blends)
+        pw.session.should_stop = lambda: False
+        try:
+            pw.decode(latent, folder / "refused.avi", DecodeSettings(**STREAM_DECODE))
+        except ConfigError as error:
+            record["refused"] = str(error)
+        clash = folder / "clash_png"
+        if rank == 0:  # rank 0 fails to write the second chunk, while rank 1 decodes latent frame 2
+            clash.mkdir()
+            (clash / "frame_00001.png").write_bytes(b"")
+        try:
+            pw.decode(latent, folder / "clash.mp4", DecodeSettings(**STREAM_DECODE), png_dir=clash)
+        except (ConfigError, JobInterrupted) as error:
+            record["clash"] = str(error)
+        for order in ("frame", "tile"):
+            blends.clear()
+            pw.decode(latent, folder / f"{order}.mp4", DecodeSettings(**STREAM_DECODE, order=order),
+                      png_dir=folder / f"{order}_png")
+            record[order] = {"frames": [v.shape[2] for v in blends], "video": torch.cat(blends, 2) if blends else None}
+        torch.save(record, f"{result}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torchrun_decode_streams_frame_by_frame_equal_to_the_whole_tile_decode(files, tmp_path):
+    """The torchrun decode, order "frame": rank 0 blends one latent frame's pieces at a time (1 then 4 frames,
+    never the whole video) and writes the same frames as order "tile" (whole tiles, blended at once) and as the
+    one-process tiled decode, bit for bit. A stop on one rank, an output rank 0 refuses up front or fails to
+    write midway stops both ranks at the same latent frame, and they stay in step for the next decode."""
+    from pixelwizard_core.io.video import read_video
+
+    latent = torch.randn(1, 48, 3, 4, 12, generator=torch.Generator().manual_seed(5))
+    torch.save(latent, tmp_path / "latent.pt")
+    out, result = tmp_path / "out", str(tmp_path / "decode")
+    out.mkdir()
+    mp.spawn(_torchrun_decode_worker, nprocs=2,
+             args=(free_port(), str(files["vae"]), str(tmp_path / "latent.pt"), str(out), result))
+    main, other = (torch.load(f"{result}.{r}", weights_only=True) for r in range(2))
+    with one_thread(), torch.no_grad():
+        expected = tiled_decode(load(handles(files)["vae"], torch.device("cpu")), latent, **STREAM_DECODE)
+
+    assert main["frame"]["frames"] == [1, 4, 4] and main["tile"]["frames"] == [9]
+    assert torch.equal(main["frame"]["video"], expected) and torch.equal(main["tile"]["video"], expected)
+    assert other["frame"]["frames"] == [] == other["tile"]["frames"]
+    assert torch.equal(read_video(out / "frame.mp4"), read_video(out / "tile.mp4"))
+    pngs = {order: sorted((out / f"{order}_png").iterdir()) for order in ("frame", "tile")}
+    assert len(pngs["frame"]) == 9 and [p.read_bytes() for p in pngs["frame"]] == [p.read_bytes() for p in pngs["tile"]]
+    assert sorted(p.name for p in out.iterdir()) == ["clash_png", "frame.mp4", "frame_png", "tile.mp4", "tile_png"]
+
+    assert other["stopped"] == "decode interrupted after step 2 of 3"
+    assert main["stopped"].startswith("decode stopped at latent frame 1 of 3: another rank was interrupted")
+    assert main["stop_steps"] == [1, 2, 3, 4] and main["stop_blends"] == 1  # frame 0 written, then dropped
+    assert "must end in .mp4" in main["refused"] and other["refused"] == main["refused"]
+    assert "frame_00001.png' already exists" in main["clash"]
+    assert other["clash"].startswith("decode stopped at latent frame 2 of 3: another rank")
+    assert sorted(p.name for p in (out / "clash_png").iterdir()) == ["frame_00000.png", "frame_00001.png"]
+
+
 def test_ulysses_without_torchrun_says_how_to_launch(files, tmp_path, caplog):
     from pixelwizard_core.cli import main
 

@@ -7,6 +7,13 @@ with ``--t5_fsdp``) and shares it, all ranks sample together, each decodes its t
 rank 0, which blends them and alone writes files. Works on one machine or several (torchrun's
 ``--nnodes`` / ``--rdzv_endpoint``); the GPU of a rank is its LOCAL_RANK.
 
+The decode follows ``--decode_order`` as the single-process decode does. ``frame`` (the default) streams:
+each rank decodes its tiles in lockstep, latent frame by latent frame (all of its tiles' causal caches on
+its GPU), sends that frame's weighted pieces to rank 0, and rank 0 blends the chunk (1 output frame, then
+4) and appends it to the files at once, so its host memory holds about one chunk whatever the length.
+``tile`` decodes each tile whole (one tile's cache on the GPU at a time); rank 0 then holds every tile
+and the whole video in host memory (about 25 GB at 4K, 121 frames). Both write the same frames.
+
 Example: ``torchrun --nproc_per_node 8 -m pixelwizard_core generate --ulysses_size 8 --dit_fsdp --t5_fsdp
 --ckpt_dir Wan2.2-TI2V-5B --lr_ckpt PixelWizard/lr/model.pt --hr_ckpt PixelWizard/2k/model.pt --prompt ...``
 """
@@ -14,14 +21,16 @@ Example: ``torchrun --nproc_per_node 8 -m pixelwizard_core generate --ulysses_si
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PixelWizardError
 from ..io.video import PngSequenceWriter, VideoWriter
 from ..pipeline.anchors import Anchor
 from ..pipeline.handles import DIT_ROLES, ModelHandle
@@ -30,6 +39,7 @@ from ..pipeline.models import Models
 from ..pipeline.presets import StageSettings
 from ..pipeline.runner import DecodeSettings, PixelWizard
 from ..pipeline.text import TextConditioning
+from ..pipeline.tiled_decode import ORDERS, BlendPlan
 from .session import ParallelConfig, Session, check_model_degree, init_process_group
 from .tiles import blend_tiles, plan_for_latent
 
@@ -117,23 +127,77 @@ class DistributedPixelWizard(PixelWizard):
     def decode(self, latent: torch.Tensor, path: str | Path, settings: DecodeSettings, *,
                overwrite: bool = False, png_dir: str | Path | None = None, on_step: StepCallback | None = None
                ) -> Path:
-        """Each rank decodes its tiles; rank 0 blends them and writes the mp4 (and PNG frames)."""
+        """Each rank decodes its tiles; rank 0 blends them and writes the mp4 (and PNG frames), streamed
+        chunk by chunk for ``settings.order == "frame"`` (see the module docstring)."""
         self.session.progress = on_step
         with self._stage("decode"):
-            plan = plan_for_latent(latent, settings)
-            mine = self.session.decode_tiles(self._handle("vae"), latent, settings)
-            pieces = self.session.gather_tiles(mine, plan, latent)
-            if not self.is_main:
+            if settings.order not in ORDERS:
+                raise ConfigError(f"decode order {settings.order!r}: choose one of {', '.join(ORDERS)} (frame "
+                                  "streams the video to the files, tile decodes one whole tile at a time)")
+            plan, handle = plan_for_latent(latent, settings), self._handle("vae")  # the same checks on every rank
+            writers = self._open_writers(path, settings, overwrite, png_dir)
+            if settings.order == "tile":
+                chunks = self._whole_tiles(handle, latent, settings, plan)
+            else:
+                chunks = self._streamed(handle, latent, settings, plan)
+            if writers is None:  # not rank 0: decode and send, write nothing
+                with contextlib.closing(chunks):
+                    for _ in chunks:
+                        pass
                 return Path(path)
-            video = blend_tiles(plan, pieces)
-            del pieces
-            pngs = PngSequenceWriter(png_dir, overwrite=overwrite) if png_dir is not None else None
-            with VideoWriter(path, fps=settings.fps, crf=settings.crf, overwrite=overwrite) as writer:
-                for chunk in video.split([1] + [4] * (latent.shape[2] - 1), dim=2):  # as the streamed decode
-                    writer.append(chunk)
+            video, pngs = writers
+            with video, contextlib.closing(chunks):  # on an error: stop the other ranks, then drop the mp4
+                for chunk in chunks:
+                    video.append(chunk)
                     if pngs is not None:
                         pngs.append(chunk)
-            return Path(writer.path)
+                    del chunk
+            return Path(video.path)
+
+    def _open_writers(self, path: str | Path, settings: DecodeSettings, overwrite: bool,
+                      png_dir: str | Path | None) -> tuple[VideoWriter, PngSequenceWriter | None] | None:
+        """Rank 0's writers, opened (outputs checked) before any decoding; a refusal is raised on every
+        rank, so none starts a decode that rank 0 would never receive. None on the other ranks."""
+        writers, problem = None, None
+        if self.is_main:
+            try:
+                video = VideoWriter(path, fps=settings.fps, crf=settings.crf, overwrite=overwrite)
+                pngs = PngSequenceWriter(png_dir, overwrite=overwrite) if png_dir is not None else None
+                writers = (video, pngs)
+            except (PixelWizardError, OSError) as error:
+                problem = error
+        problem = self.session.share(problem)
+        if problem is not None:
+            raise problem
+        return writers
+
+    def _whole_tiles(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings,
+                     plan: BlendPlan) -> Iterator[torch.Tensor]:
+        """Order "tile": every tile decoded whole and sent to rank 0, which blends the whole video and
+        yields its chunks; nothing elsewhere."""
+        mine = self.session.decode_tiles(handle, latent, settings)
+        pieces = self.session.gather_tiles(mine, plan, latent)
+        del mine
+        if not self.is_main:
+            return
+        video = blend_tiles(plan, pieces)
+        del pieces
+        yield from video.split([1] + [4] * (latent.shape[2] - 1), dim=2)  # the streamed decode's chunks
+
+    def _streamed(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings,
+                  plan: BlendPlan) -> Iterator[torch.Tensor]:
+        """Order "frame": per latent frame, every rank's pieces of it blended on rank 0 and yielded (1 output
+        frame, then 4); nothing elsewhere. blend_tiles adds the same products in the same tile order
+        pixel by pixel, so the chunks are the whole-tile path's video cut by frames, bit for bit."""
+        frames = self.session.gather_stream(self.session.decode_stream(handle, latent, settings), plan, latent)
+        with contextlib.closing(frames):
+            for pieces in frames:
+                if not self.is_main:
+                    continue
+                chunk = blend_tiles(plan, pieces)
+                del pieces
+                yield chunk
+                del chunk
 
 
 def _destroy() -> None:

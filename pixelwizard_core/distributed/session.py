@@ -10,7 +10,8 @@ the same code. Every rank calls every job; ranks that have nothing to do for a j
   block (:mod:`.fsdp`); every rank then runs every forward of that model.
 - Without ``t5_fsdp`` only rank 0 loads and runs the text encoder.
 - Decode: rank r decodes tiles r, r + N, ... (:mod:`.tiles`), whole (``decode_tiles``) or in lockstep,
-  latent frame by latent frame (``decode_stream``, which the pool's worker sends on as it goes).
+  latent frame by latent frame (``decode_stream``, which the pool's worker sends on as it goes, and
+  ``torchrun`` moves to rank 0 frame by frame with ``gather_stream``).
 
 Models stay resident between jobs, cached per role by file identity (path, size, modification time), so
 a second job with the same files loads nothing; a different file for a role replaces that role's model.
@@ -45,6 +46,7 @@ from ..pipeline.presets import StageSettings
 from ..pipeline.runner import DecodeSettings
 from ..pipeline.stages import hr_latent, lr_anchor
 from ..pipeline.text import TextConditioning, TextEncoder
+from ..pipeline.tiled_decode import BlendPlan
 from .tiles import decode_tiles, decode_tiles_stream, plan_for_latent, tiles_of_rank
 from .ulysses import UlyssesGroup
 
@@ -314,7 +316,8 @@ class Session:
         dist.broadcast_object_list(box, src=src, group=self.cpu_group)
         return box[0]
 
-    def gather_tiles(self, pieces: dict[int, torch.Tensor], plan, latent: torch.Tensor) -> dict[int, torch.Tensor]:
+    def gather_tiles(self, pieces: dict[int, torch.Tensor], plan: BlendPlan, latent: torch.Tensor
+                     ) -> dict[int, torch.Tensor]:
         """Every rank's weighted tiles on rank 0 (an empty dict elsewhere), sent tile by tile over gloo."""
         if self.world_size == 1:
             return pieces
@@ -330,6 +333,70 @@ class Session:
                 continue
             rows, cols = tile.pixels()
             buffer = torch.empty(latent.shape[0], 3, frames, rows.stop - rows.start, cols.stop - cols.start)
+            dist.recv(buffer, src=owner, group=self.cpu_group)
+            gathered[index] = buffer
+        return gathered
+
+    def gather_stream(self, pieces: Iterator[dict[int, torch.Tensor]], plan: BlendPlan, latent: torch.Tensor
+                      ) -> Iterator[dict[int, torch.Tensor]]:
+        """Yields, per latent frame, every tile's weighted piece of it on rank 0 ({tile index: piece}) and an
+        empty dict elsewhere; ``pieces`` is this rank's :meth:`decode_stream`, closed with this generator.
+
+        Before each frame's pieces move, the ranks agree (one tiny all-reduce) on going on: a rank whose
+        decode stopped (interrupt) or failed, or whose consumer closed this generator early, stops every
+        rank at the same latent frame, so none is left waiting in a send or receive. The stopped ranks
+        raise :class:`JobInterrupted`, the rank that failed its own error."""
+        frames = latent.shape[2]
+        try:
+            for frame in range(frames):
+                mine, failure = {}, None
+                try:
+                    mine = next(pieces, {})  # {} on a rank without tiles
+                except Exception as error:  # an interrupt or a failure: every rank must hear of it
+                    failure = error
+                if self._any_rank(failure is not None or bool(self.should_stop())):
+                    if failure is not None:
+                        raise failure
+                    raise JobInterrupted(f"decode stopped at latent frame {frame} of {frames}: another rank "
+                                         "was interrupted or failed (see its log)")
+                gathered = self._gather_frame(mine, plan, latent, frame)
+                del mine
+                try:
+                    yield gathered
+                except GeneratorExit:
+                    if frame + 1 < frames:  # the others are decoding the next frame: stop them there
+                        self._any_rank(True)
+                    raise
+                del gathered
+        finally:
+            pieces.close()
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (every rank must call this the same number of times)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return bool(value.item())
+
+    def _gather_frame(self, pieces: dict[int, torch.Tensor], plan: BlendPlan, latent: torch.Tensor, frame: int
+                      ) -> dict[int, torch.Tensor]:
+        """One latent frame's weighted pieces of every rank on rank 0 (as :meth:`gather_tiles`, for 1 output
+        frame at latent frame 0 and 4 after); an empty dict elsewhere."""
+        if self.world_size == 1:
+            return pieces
+        if not self.is_main:
+            for index in sorted(pieces):
+                dist.send(pieces[index].contiguous(), dst=0, group=self.cpu_group)
+            return {}
+        gathered = dict(pieces)
+        for index, tile in enumerate(plan.tiles):
+            owner = index % self.world_size
+            if owner == 0:
+                continue
+            rows, cols = tile.pixels()
+            buffer = torch.empty(latent.shape[0], 3, 1 if frame == 0 else 4, rows.stop - rows.start,
+                                 cols.stop - cols.start)
             dist.recv(buffer, src=owner, group=self.cpu_group)
             gathered[index] = buffer
         return gathered
