@@ -319,20 +319,25 @@ class Session:
     def gather_tiles(self, pieces: dict[int, torch.Tensor], plan: BlendPlan, latent: torch.Tensor
                      ) -> dict[int, torch.Tensor]:
         """Every rank's weighted tiles on rank 0 (an empty dict elsewhere), sent tile by tile over gloo."""
+        return self._gather(pieces, plan, latent.shape[0], 4 * (latent.shape[2] - 1) + 1)
+
+    def _gather(self, pieces: dict[int, torch.Tensor], plan: BlendPlan, batch: int, frames: int
+                ) -> dict[int, torch.Tensor]:
+        """``pieces`` of ``frames`` output frames from every rank on rank 0, tile by tile in tile order (the
+        owner of tile i is rank i mod world size); an empty dict on the other ranks."""
         if self.world_size == 1:
             return pieces
         if not self.is_main:
             for index in sorted(pieces):
                 dist.send(pieces[index].contiguous(), dst=0, group=self.cpu_group)
             return {}
-        frames = 4 * (latent.shape[2] - 1) + 1
         gathered = dict(pieces)
         for index, tile in enumerate(plan.tiles):
             owner = index % self.world_size
             if owner == 0:
                 continue
             rows, cols = tile.pixels()
-            buffer = torch.empty(latent.shape[0], 3, frames, rows.stop - rows.start, cols.stop - cols.start)
+            buffer = torch.empty(batch, 3, frames, rows.stop - rows.start, cols.stop - cols.start)
             dist.recv(buffer, src=owner, group=self.cpu_group)
             gathered[index] = buffer
         return gathered
@@ -359,7 +364,7 @@ class Session:
                         raise failure
                     raise JobInterrupted(f"decode stopped at latent frame {frame} of {frames}: another rank "
                                          "was interrupted or failed (see its log)")
-                gathered = self._gather_frame(mine, plan, latent, frame)
+                gathered = self._gather(mine, plan, latent.shape[0], 1 if frame == 0 else 4)
                 del mine
                 try:
                     yield gathered
@@ -378,28 +383,6 @@ class Session:
         value = torch.tensor([int(flag)], dtype=torch.int32)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return bool(value.item())
-
-    def _gather_frame(self, pieces: dict[int, torch.Tensor], plan: BlendPlan, latent: torch.Tensor, frame: int
-                      ) -> dict[int, torch.Tensor]:
-        """One latent frame's weighted pieces of every rank on rank 0 (as :meth:`gather_tiles`, for 1 output
-        frame at latent frame 0 and 4 after); an empty dict elsewhere."""
-        if self.world_size == 1:
-            return pieces
-        if not self.is_main:
-            for index in sorted(pieces):
-                dist.send(pieces[index].contiguous(), dst=0, group=self.cpu_group)
-            return {}
-        gathered = dict(pieces)
-        for index, tile in enumerate(plan.tiles):
-            owner = index % self.world_size
-            if owner == 0:
-                continue
-            rows, cols = tile.pixels()
-            buffer = torch.empty(latent.shape[0], 3, 1 if frame == 0 else 4, rows.stop - rows.start,
-                                 cols.stop - cols.start)
-            dist.recv(buffer, src=owner, group=self.cpu_group)
-            gathered[index] = buffer
-        return gathered
 
     def describe(self) -> dict:
         """Resident models (with the parameters this rank holds) and peak memory, for reports and tests."""
