@@ -104,6 +104,10 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode_order", choices=("frame", "tile"), default="frame",
                    help="frame: stream frames to the mp4 (little host memory); tile: one tile at a time "
                         "into a host canvas (least GPU memory, as the reference)")
+    g.add_argument("--decode_budget_gib", type=float, default=0.0,
+                   help="cap on the decode's memory beyond the VAE weights, in GiB per GPU (per process with "
+                        "torchrun), used to choose automatic tiles and the order: min(cap, free memory); on a CPU "
+                        "the cap alone. 0 (default) = the free memory only")
     g.add_argument("--crf", type=int, default=10, help="libx264 CRF, 0 best .. 51 worst (10 ~ reference quality 8)")
     g.add_argument("--png", action="store_true", help="also write PNG frames, in <video_dir>/<name>_frames/")
     g.add_argument("--overwrite", action="store_true", help="replace outputs instead of adding _N")
@@ -172,8 +176,14 @@ def decode_settings(args: argparse.Namespace) -> DecodeSettings:
         from .errors import ConfigError  # local: this function is edited apart from the module's imports
 
         raise ConfigError(f"--num_patches must be 0 (automatic) or a tile count of 1 or more, got {args.num_patches}")
+    budget = getattr(args, "decode_budget_gib", 0.0)
+    if not budget >= 0 or budget == float("inf"):  # also refuses nan
+        from .errors import ConfigError
+
+        raise ConfigError(f"--decode_budget_gib must be 0 (no cap: the GPU's free memory) or a number of GiB, got "
+                          f"{budget}")
     return DecodeSettings(args.num_patches, args.patch_dim, args.overlap, args.blend, args.decode_order,
-                          crf=args.crf)
+                          crf=args.crf, budget_bytes=int(budget * 2**30) if budget else None)
 
 
 def make_models(args: argparse.Namespace, *roles: str) -> Models:

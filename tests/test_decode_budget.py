@@ -9,7 +9,13 @@ import torch
 from conftest import scaled_tiny_vae
 
 from pixelwizard_core.cli import build_parser, decode_settings
-from pixelwizard_core.distributed.tiles import plan_for_latent
+from pixelwizard_core.distributed.tiles import (
+    choose_rank_tiles,
+    needs_budget,
+    plan_for_latent,
+    rank_decode_bytes,
+    resolve_settings,
+)
 from pixelwizard_core.doctor import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, decode_bytes
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline import decode_budget
@@ -21,7 +27,7 @@ from pixelwizard_core.pipeline.decode_budget import (
     preset_tiles,
 )
 from pixelwizard_core.pipeline.runner import DecodeSettings
-from pixelwizard_core.pipeline.tiled_decode import blend_plan, plan_tiles, tiled_decode, tiled_decode_stream
+from pixelwizard_core.pipeline.tiled_decode import plan_tiles, tiled_decode, tiled_decode_stream
 
 LATENT_2K, LATENT_4K = (90, 160), (134, 240)
 
@@ -228,15 +234,141 @@ def test_auto_decode_on_cpu_uses_the_preset_default(vae, latent, untiled, caplog
 # Multi-process plan and the command line
 
 
-def test_multiprocess_plan_resolves_auto_the_same_everywhere():
-    latent = torch.zeros(1, 48, 1, *LATENT_2K)
-    plan = plan_for_latent(latent, DecodeSettings(num_patches=0))
-    assert plan.tiles == blend_plan(LATENT_2K, 3, "w", 3).tiles
-    budget = 12 * GIB
-    within = plan_for_latent(latent, DecodeSettings(num_patches=0), budget_bytes=budget, vae_precision="bf16")
-    choice = choose_tiles(LATENT_2K, budget, vae_precision="bf16", order="tile")
-    assert within.tiles == plan_tiles(LATENT_2K, choice.num_patches, choice.patch_dim, 3)
-    assert 1 < len(within.tiles) < 16
+def rank_estimate(latent_hw, num_patches, patch_dim, order, world, precision="fp32", overlap=3) -> int:
+    """The busiest rank's decode bytes, computed here from doctor's constants independently of the module:
+    the ceil(n / world) largest tiles' caches in frame order (one tile's in tile order), the largest tile's
+    transient, and one tile's float32 piece and weighted copy of 4 frames."""
+    from pixelwizard_core import doctor
+
+    tiles = plan_tiles(latent_hw, num_patches, patch_dim, overlap)
+    areas = sorted(((t.rows[1] - t.rows[0]) * (t.cols[1] - t.cols[0]) for t in tiles), reverse=True)
+    held = areas[:-(-len(areas) // world)] if order == "frame" else areas[:1]
+    half = precision != "fp32"
+    cache = sum(held) * doctor.VAE_CACHE_BYTES_PER_LATENT_PIXEL // (2 if half else 1)
+    transient = areas[0] * (doctor.VAE_TRANSIENT_BF16_BYTES_PER_LATENT_PIXEL if half
+                            else doctor.VAE_TRANSIENT_FP32_BYTES_PER_LATENT_PIXEL)
+    return cache + transient + 4 * 3 * 4 * 2 * 256 * areas[0]
+
+
+def test_rank_estimate_is_doctors_arithmetic_per_rank():
+    for n, dim in ((1, "w"), (3, "w"), (4, "w"), ((2, 3), "hw")):
+        tile = estimate(LATENT_4K, n, dim, "tile", "fp32")
+        frame = estimate(LATENT_4K, n, dim, "frame", "fp32")
+        # one process: tile order is doctor's estimate; frame order without the blended frame (rank 0 blends on
+        # the host); as many ranks as tiles: every rank holds one tile, as tile order does
+        assert rank_decode_bytes(LATENT_4K, n, dim, 3, order="tile", vae_precision="fp32", world_size=2) == tile
+        assert rank_decode_bytes(LATENT_4K, n, dim, 3, order="frame", vae_precision="fp32", world_size=1) == \
+            frame - 4 * 3 * 4 * LATENT_4K[0] * LATENT_4K[1] * 256
+        assert rank_decode_bytes(LATENT_4K, n, dim, 3, order="frame", vae_precision="fp32", world_size=6) == tile
+        assert rank_decode_bytes(LATENT_4K, n, dim, 3, order="frame", vae_precision="bf16", world_size=2) == \
+            rank_estimate(LATENT_4K, n, dim, "frame", 2, "bf16")
+
+
+def test_no_budget_keeps_the_reference_tiles_and_the_order():
+    for order in ("frame", "tile"):
+        choice = choose_rank_tiles(LATENT_4K, None, 2, vae_precision="fp32", order=order)
+        assert (choice.num_patches, choice.patch_dim, choice.order) == (4, "w", order)
+        explicit = choose_rank_tiles(LATENT_4K, None, 2, vae_precision="fp32", order=order, num_patches=5,
+                                     patch_dim="h")
+        assert (explicit.num_patches, explicit.patch_dim, explicit.order) == (5, "h", order)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_frame_order_kept_with_the_fewest_tiles_whose_rank_share_fits(world):
+    # a budget the busiest rank's share of the reference's 4 tiles exceeds in frame order (the 24 GB card at
+    # 4K the reference's whole-tile decode fitted), but a share of more tiles fits
+    budget = rank_estimate(LATENT_2K, 4, "w", "frame", world) - 1
+    choice = choose_rank_tiles(LATENT_2K, budget, world, vae_precision="fp32")
+    assert choice.order == "frame" and choice.estimated_bytes <= budget
+    assert (choice.num_patches, choice.patch_dim) != (4, "w")  # world 2: a 2x2 grid; world 3: 3 tiles, one each
+    assert choice.estimated_bytes == rank_estimate(LATENT_2K, choice.num_patches, choice.patch_dim, "frame", world)
+    for count, patches, dim in all_layouts(LATENT_2K):
+        if count < choice.count:
+            assert rank_estimate(LATENT_2K, patches, dim, "frame", world) > budget, (patches, dim)
+    # the same budget in one process could not keep frame order with any tiles: the split is what helps
+    assert choose_tiles(LATENT_2K, budget, vae_precision="fp32").order == "tile"
+    big = choose_rank_tiles(LATENT_2K, 200 * GIB, world, vae_precision="fp32")
+    assert (big.count, big.order) == (1, "frame")
+
+
+def test_tile_order_with_the_fewest_tiles_when_no_frame_share_fits():
+    frame_min = min(rank_estimate(LATENT_4K, p, d, "frame", 2) for _, p, d in all_layouts(LATENT_4K))
+    budget = min(frame_min - 1, rank_estimate(LATENT_4K, 4, "w", "tile", 2) - 1)
+    choice = choose_rank_tiles(LATENT_4K, budget, 2, vae_precision="fp32")
+    assert choice.order == "tile" and choice.estimated_bytes <= budget
+    assert choice.estimated_bytes == estimate(LATENT_4K, choice.num_patches, choice.patch_dim, "tile", "fp32")
+    for count, patches, dim in all_layouts(LATENT_4K):
+        if count < choice.count:
+            assert estimate(LATENT_4K, patches, dim, "tile", "fp32") > budget
+    # plain tile order asked for: no frame-order candidate at all, even where one would fit
+    roomy = rank_estimate(LATENT_4K, 2, "w", "frame", 2)
+    assert choose_rank_tiles(LATENT_4K, roomy, 2, vae_precision="fp32", order="tile").order == "tile"
+    assert choose_rank_tiles(LATENT_4K, roomy, 2, vae_precision="fp32").order == "frame"
+
+
+def test_explicit_tiles_only_change_the_order(caplog):
+    fits = rank_estimate(LATENT_4K, 4, "w", "frame", 2)
+    kept = choose_rank_tiles(LATENT_4K, fits, 2, vae_precision="fp32", num_patches=4)
+    assert (kept.num_patches, kept.patch_dim, kept.order) == (4, "w", "frame")
+    with caplog.at_level(logging.INFO, logger="pixelwizard"):
+        fallback = choose_rank_tiles(LATENT_4K, fits - 1, 2, vae_precision="fp32", num_patches=4)
+    assert (fallback.num_patches, fallback.patch_dim, fallback.order) == (4, "w", "tile")
+    assert fallback.estimated_bytes == estimate(LATENT_4K, 4, "w", "tile", "fp32")
+    assert any("decode order frame -> tile" in r.getMessage() for r in caplog.records)
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+    with caplog.at_level(logging.INFO, logger="pixelwizard"):
+        tight = choose_rank_tiles(LATENT_4K, GIB, 2, vae_precision="fp32", num_patches=4)
+    assert (tight.num_patches, tight.order) == (4, "tile")  # kept: the user's tiles, with a warning
+    assert any(r.levelno == logging.WARNING and "may run out of memory" in r.getMessage() for r in caplog.records)
+
+
+def test_nothing_fits_any_rank_says_how_much_and_what_to_change():
+    needed = min(rank_estimate(LATENT_4K, p, d, o, 2) for _, p, d in all_layouts(LATENT_4K) for o in ("frame", "tile"))
+    with pytest.raises(ConfigError) as error:
+        choose_rank_tiles(LATENT_4K, needed - 1, 2, vae_precision="fp32")
+    message = str(error.value)
+    assert f"at least {needed / GIB:.1f} GiB on each process" in message and "3840x2144" in message
+    for advice in ("bf16 VAE", "--num_patches", "smaller resolution"):
+        assert advice in message
+    assert choose_rank_tiles(LATENT_4K, needed, 2, vae_precision="fp32").estimated_bytes == needed
+
+
+def test_resolved_settings_use_the_smaller_of_cap_and_free_memory_shared_by_the_batch():
+    latent = torch.zeros(2, 48, 1, *LATENT_2K)
+    auto = DecodeSettings(num_patches=0, budget_bytes=40 * GIB)
+    expected = choose_rank_tiles(LATENT_2K, 20 * GIB, 2, vae_precision="bf16")
+    for free in (None, 50 * GIB):  # the cap alone (CPU), or the cap below the free memory
+        resolved = resolve_settings(latent, auto, world_size=2, free_bytes=free, vae_precision="bf16")
+        assert (resolved.num_patches, resolved.patch_dim, resolved.order) == \
+            (expected.num_patches, expected.patch_dim, expected.order)
+        assert resolved.num_patches != 0 and resolved.budget_bytes == 40 * GIB and resolved.overlap == 3
+    below = resolve_settings(latent, auto, world_size=2, free_bytes=30 * GIB, vae_precision="bf16")
+    assert below.num_patches == choose_rank_tiles(LATENT_2K, 15 * GIB, 2, vae_precision="bf16").num_patches
+    # resolving resolved settings changes nothing: the launchers may pass them on
+    assert resolve_settings(latent, below, world_size=2, free_bytes=30 * GIB, vae_precision="bf16") == below
+    plain = resolve_settings(latent[:1], DecodeSettings(num_patches=0), world_size=2)
+    assert (plain.num_patches, plain.patch_dim, plain.order) == (3, "w", "frame")
+    plan = plan_for_latent(latent, auto, world_size=2, vae_precision="bf16")  # what a rank builds from 0
+    assert plan.tiles == plan_tiles(LATENT_2K, expected.num_patches, expected.patch_dim, 3)
+    with pytest.raises(ConfigError, match="decode memory budget -1"):
+        resolve_settings(latent, DecodeSettings(num_patches=0, budget_bytes=-1), world_size=2)
+    assert needs_budget(DecodeSettings(num_patches=0, order="tile")) and needs_budget(DecodeSettings())
+    assert not needs_budget(DecodeSettings(num_patches=3, order="tile"))
+
+
+def test_single_process_cap_on_cpu_chooses_within_it(vae, latent, caplog):
+    options = decode_budget.candidates((8, 32), vae_precision="fp32")
+    cap = options[0].estimated_bytes - 1  # the untiled decode does not fit
+    assert auto_tiles((8, 32), "cpu", vae_precision="fp32", cap_bytes=cap) == \
+        choose_tiles((8, 32), cap, vae_precision="fp32")
+    with caplog.at_level(logging.INFO, logger="pixelwizard"):
+        chunks = list(tiled_decode_stream(vae, latent, num_patches=0, overlap=3, budget_bytes=cap))
+    choice = choose_tiles((8, 32), cap, vae_precision="fp32")
+    assert choice.count > 1 and any("allowed by the decode budget" in r.getMessage() for r in caplog.records)
+    assert torch.equal(torch.cat(chunks, dim=2), tiled_decode(vae, latent, num_patches=choice.num_patches,
+                                                              patch_dim=choice.patch_dim, order=choice.order))
+    with pytest.raises(ConfigError, match=r"The decode budget you set, 0.0 GiB \(--decode_budget_gib\)"):
+        auto_tiles((8, 32), "cpu", vae_precision="fp32", cap_bytes=0)
 
 
 def test_cli_defaults_to_automatic_tiles():
@@ -245,3 +377,8 @@ def test_cli_defaults_to_automatic_tiles():
     assert decode_settings(parser.parse_args(["decode", "--num_patches", "4", "x.safetensors"])).num_patches == 4
     with pytest.raises(ConfigError, match="num_patches"):
         decode_settings(parser.parse_args(["decode", "--num_patches", "-2", "x.safetensors"]))
+    assert decode_settings(parser.parse_args(["decode", "x.safetensors"])).budget_bytes is None
+    capped = decode_settings(parser.parse_args(["decode", "--decode_budget_gib", "20.5", "x.safetensors"]))
+    assert capped.budget_bytes == int(20.5 * GIB)
+    with pytest.raises(ConfigError, match="--decode_budget_gib"):
+        decode_settings(parser.parse_args(["decode", "--decode_budget_gib", "-1", "x.safetensors"]))

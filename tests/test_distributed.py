@@ -4,6 +4,7 @@ the pool's message transport, and ``torchrun ... generate`` against one process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import subprocess
@@ -315,3 +316,78 @@ def test_ulysses_without_torchrun_says_how_to_launch(files, tmp_path, caplog):
             "--video_dir", str(tmp_path), "--ulysses_size", "2"]
     assert main(argv) == 2
     assert "torchrun --nproc_per_node 2" in caplog.text
+
+
+BUDGET_LATENT = (1, 48, 2, 4, 48)  # 768 pixels wide: 1, 2 or 3 automatic tiles along the width
+
+
+def budget_cases() -> dict[str, DecodeSettings]:
+    """Caps that resolve the automatic tiles of BUDGET_LATENT differently from the default (1 tile, frame) on
+    2 ranks: 2 tiles in frame order (one per rank), or 3 tiles in tile order (no frame-order share fits)."""
+    from pixelwizard_core.distributed.tiles import rank_decode_bytes
+
+    hw = BUDGET_LATENT[-2:]
+
+    def share(n: int, order: str) -> int:
+        return rank_decode_bytes(hw, n, "w", 1, order=order, vae_precision="fp32", world_size=2)
+
+    # 3 tiles in frame order hold 2 on rank 0, but a smaller transient than 2 tiles: still more than tile order
+    assert share(3, "tile") < share(3, "frame") < share(2, "frame") < share(1, "frame")
+    return {"frame": DecodeSettings(num_patches=0, overlap=1, budget_bytes=share(2, "frame")),
+            "tile": DecodeSettings(num_patches=0, overlap=1, budget_bytes=share(3, "frame") - 1)}
+
+
+def _torchrun_budget_worker(rank: int, port: int, vae: str, latent_file: str, out: str, result: str) -> None:
+    """One rank of the torchrun decode with ``budget_bytes`` caps: records the settings each rank planned with
+    and rank 0's blended chunks."""
+    from pixelwizard_core.distributed import launch
+    from pixelwizard_core.distributed.session import Session, init_process_group
+    from pixelwizard_core.pipeline.models import ModelFiles, Models
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_process_group("gloo", rank=rank, world_size=2, timeout_s=60)
+    try:
+        pw = launch.DistributedPixelWizard(Models(ModelFiles(vae=Path(vae)), device="cpu"), Session())
+        latent, record = torch.load(latent_file), {}
+        planned, blends = [], []
+        plan, blend = launch.plan_for_latent, launch.blend_tiles
+        launch.plan_for_latent = lambda latent, settings: planned.append(settings) or plan(latent, settings)
+        launch.blend_tiles = lambda p, pieces: blends.append(blend(p, pieces)) or blends[-1]
+        for name, settings in budget_cases().items():
+            planned.clear(), blends.clear()
+            pw.decode(latent, Path(out) / f"{name}.mp4", settings)
+            record[name] = {"settings": dataclasses.asdict(planned[0]), "frames": [v.shape[2] for v in blends],
+                            "video": torch.cat(blends, 2) if blends else None}
+        torch.save(record, f"{result}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torchrun_decode_budget_resolves_one_plan_on_every_rank(files, tmp_path):
+    """``budget_bytes`` (``--decode_budget_gib``) on CPU ranks: every rank plans the same tiles and order,
+    chosen for one rank's share (2 tiles in frame order, one per rank; or 3 tiles in tile order), not the
+    default's 1 tile; rank 0 writes the one-process tiled decode of that plan, bit for bit."""
+    from pixelwizard_core.distributed.tiles import resolve_settings
+    from pixelwizard_core.io.video import read_video
+
+    latent = torch.randn(*BUDGET_LATENT, generator=torch.Generator().manual_seed(7))
+    torch.save(latent, tmp_path / "latent.pt")
+    out, result = tmp_path / "out", str(tmp_path / "budget")
+    out.mkdir()
+    mp.spawn(_torchrun_budget_worker, nprocs=2,
+             args=(free_port(), str(files["vae"]), str(tmp_path / "latent.pt"), str(out), result))
+    main, other = (torch.load(f"{result}.{r}", weights_only=True) for r in range(2))
+    vae = load(handles(files)["vae"], torch.device("cpu"))
+    default = resolve_settings(latent, DecodeSettings(num_patches=0, overlap=1), world_size=2)
+    assert (default.num_patches, default.order) == (1, "frame")
+    for name, (count, frames) in {"frame": (2, [1, 4]), "tile": (3, [5])}.items():
+        settings = DecodeSettings(**main[name]["settings"])
+        assert main[name]["settings"] == other[name]["settings"]
+        assert settings == resolve_settings(latent, budget_cases()[name], world_size=2)
+        assert (settings.num_patches, settings.patch_dim, settings.order) == (count, "w", name)
+        with one_thread(), torch.no_grad():
+            expected = tiled_decode(vae, latent, num_patches=count, overlap=1, order=name)
+        assert main[name]["frames"] == frames and other[name]["frames"] == []
+        assert torch.equal(main[name]["video"], expected)
+        assert tuple(read_video(out / f"{name}.mp4").shape) == (5, 64, 768, 3)

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_distributed import handles, one_thread, relative_error, write_weights
+from test_distributed import BUDGET_LATENT, budget_cases, handles, one_thread, relative_error, write_weights
 
 from pixelwizard_core.distributed.pool import STREAM_AHEAD, JobInterrupted, JobTimeout, WorkerError, WorkerPool
+from pixelwizard_core.distributed.tiles import resolve_settings
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline.handles import ModelHandle, load
 from pixelwizard_core.pipeline.presets import StageSettings
@@ -320,3 +321,34 @@ def test_decode_to_video_node_streams_from_the_pool(pool, weights, long_latent, 
     assert len(whole) == 1 and pool.last_report.job == "decode_tiles"
     assert torch.equal(torch.cat(chunks, dim=2), whole[0])
     assert (whole[0] - long_video).abs().max() <= 1e-5  # the latent went through the node's conversion
+
+
+def test_decode_budget_is_resolved_once_for_every_worker(pool, weights, monkeypatch):
+    """With a ``budget_bytes`` cap the parent asks the workers for their memory (a ``decode_budget`` job; none
+    on CPU, so the cap decides), resolves the tiles and order once and sends every worker those settings:
+    the streamed decode keeps frame order with 2 tiles (one per worker), or decodes 3 whole tiles when no
+    frame-order share fits; ``decode`` chooses for whole tiles. Each equals the one-process decode."""
+    latent = torch.randn(*BUDGET_LATENT, generator=torch.Generator().manual_seed(7))
+    cases, sent, opened = budget_cases(), [], pool._open
+    monkeypatch.setattr(pool, "_open", lambda name, kwargs: sent.append((name, kwargs.get("settings")))
+                        or opened(name, kwargs))
+    vae = load(weights["vae"], torch.device("cpu"))
+    for case, job, count in (("frame", "decode_stream", 2), ("tile", "decode_tiles", 3)):
+        sent.clear()
+        chunks = list(pool.decode_stream(weights["vae"], latent, cases[case]))
+        assert [name for name, _ in sent] == ["decode_budget", job] and pool.last_report.job == job
+        settings = sent[1][1]
+        assert settings == resolve_settings(latent, cases[case], world_size=2)
+        assert (settings.num_patches, settings.patch_dim, settings.order) == (count, "w", case)
+        assert [c.shape[2] for c in chunks] == [1, 4]
+        with one_thread():
+            expected = tiled_decode(vae, latent, num_patches=count, overlap=1)
+        assert torch.equal(torch.cat(chunks, dim=2), expected)
+        if case == "frame":  # the whole-tile decode: tile order, the fewest tiles of which one fits
+            sent.clear()
+            video = pool.decode(weights["vae"], latent, cases[case])
+            assert [(name, s.num_patches if s else None, s.order if s else None) for name, s in sent] == \
+                [("decode_budget", None, None), ("decode_tiles", 2, "tile")]
+            assert torch.equal(video, expected)
+    with pytest.raises(ConfigError, match="decode memory budget -5"):  # refused before any job
+        pool.decode_stream(weights["vae"], latent, DecodeSettings(num_patches=3, budget_bytes=-5))

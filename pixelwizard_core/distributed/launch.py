@@ -14,6 +14,12 @@ its GPU), sends that frame's weighted pieces to rank 0, and rank 0 blends the ch
 ``tile`` decodes each tile whole (one tile's cache on the GPU at a time); rank 0 then holds every tile
 and the whole video in host memory (about 25 GB at 4K, 121 frames). Both write the same frames.
 
+Memory: before decoding, the ranks agree (one all-reduce MIN) on the smallest usable GPU memory, after the
+VAE weights, and every rank resolves ``--num_patches 0`` and the order from it (``tiles.choose_rank_tiles``):
+frame order with the fewest tiles whose share on one GPU fits, else tile order with the fewest tiles of
+which one fits; an explicit ``--num_patches`` only falls back from frame to tile order. ``--decode_budget_gib``
+caps that figure per GPU (and is the figure on CPU processes, which have none).
+
 Example: ``torchrun --nproc_per_node 8 -m pixelwizard_core generate --ulysses_size 8 --dit_fsdp --t5_fsdp
 --ckpt_dir Wan2.2-TI2V-5B --lr_ckpt PixelWizard/lr/model.pt --hr_ckpt PixelWizard/2k/model.pt --prompt ...``
 """
@@ -128,13 +134,17 @@ class DistributedPixelWizard(PixelWizard):
                overwrite: bool = False, png_dir: str | Path | None = None, on_step: StepCallback | None = None
                ) -> Path:
         """Each rank decodes its tiles; rank 0 blends them and writes the mp4 (and PNG frames), streamed
-        chunk by chunk for ``settings.order == "frame"`` (see the module docstring)."""
+        chunk by chunk for ``settings.order == "frame"`` (see the module docstring). Automatic tiles, and
+        frame order that does not fit, are resolved first from the smallest rank's usable memory."""
         self.session.progress = on_step
         with self._stage("decode"):
             if settings.order not in ORDERS:
                 raise ConfigError(f"decode order {settings.order!r}: choose one of {', '.join(ORDERS)} (frame "
                                   "streams the video to the files, tile decodes one whole tile at a time)")
-            plan, handle = plan_for_latent(latent, settings), self._handle("vae")  # the same checks on every rank
+            handle = self._handle("vae")
+            # every rank: the same tiles and order, from the smallest rank's free memory (collective)
+            settings = self.session.resolve_decode(handle, latent, settings)
+            plan = plan_for_latent(latent, settings)
             writers = self._open_writers(path, settings, overwrite, png_dir)
             if settings.order == "tile":
                 chunks = self._whole_tiles(handle, latent, settings, plan)

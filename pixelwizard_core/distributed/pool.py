@@ -29,6 +29,13 @@ GPU, as ``order="frame"``), and yields each chunk of 1 then 4 frames as soon as 
 has arrived; the workers run at most ``STREAM_AHEAD`` latent frames ahead of the consumer, so host memory
 holds a few chunks whatever the video's length. Both give the same video.
 
+Before either decode the parent resolves the tiles and order once and sends every worker the same
+resolved settings: when they depend on memory (``num_patches=0``, or order "frame"), a small
+``decode_budget`` job has each worker report its usable GPU memory after the VAE weights, and the
+smallest (capped by ``DecodeSettings.budget_bytes``) decides (``tiles.resolve_settings``). ``decode``
+chooses for whole tiles; ``decode_stream`` prefers frame order with the fewest tiles whose share on one
+worker fits, and when none does it decodes whole tiles and yields the chunks of the video blended here.
+
 Failure and control:
 
 * ``interrupt()`` (or ``should_stop`` returning True, polled every 0.1 s while a job runs) stops the job
@@ -45,6 +52,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -73,9 +81,8 @@ from ..pipeline.presets import StageSettings, check_stage
 from ..pipeline.runner import DecodeSettings
 from ..pipeline.stages import check_anchor_fits
 from ..pipeline.text import TextConditioning
-from ..pipeline.tiled_decode import BlendPlan
 from .session import JobInterrupted, ParallelConfig, check_model_degree, resolve_backend
-from .tiles import blend_tiles, plan_for_latent
+from .tiles import blend_tiles, needs_budget, plan_for_latent, resolve_settings
 from .transport import discard_files, receive, send, shared_folder
 
 log = logging.getLogger("pixelwizard")
@@ -211,12 +218,16 @@ class WorkerPool:
                settings: DecodeSettings = DecodeSettings(), **control) -> torch.Tensor:
         """Tiled decode with the tiles split over the workers: video [B, 3, F, H, W] float32 in [-1, 1]
         (CPU), the single-process tiled decode's result (see :mod:`.tiles`). Each worker decodes its tiles
-        one at a time, whole; the whole video and all tiles are in host memory here at the end (prefer
-        :meth:`decode_stream` when the frames go to a file). Progress counts tile-frames of all workers."""
+        one at a time, whole, whatever ``settings.order`` (so automatic tiles are chosen for tile order:
+        the fewest of which one fits the smallest worker's free memory); the whole video and all tiles are
+        in host memory here at the end (prefer :meth:`decode_stream` when the frames go to a file).
+        Progress counts tile-frames of all workers."""
         handle = as_handle(model, "vae")
-        plan = plan_for_latent(latent, settings)
-        results = self._run("decode_tiles", {"handle": handle, "latent": latent, "settings": settings}, **control)
-        return blend_tiles(plan, {index: piece for part in results for index, piece in part.items()})
+        settings = dataclasses.replace(settings, order="tile")
+        plan_for_latent(latent, settings, world_size=self.world_size, vae_precision=handle.precision)  # checks
+        with self._exclusive():
+            settings = self._resolve(handle, latent, settings, control)
+            return self._whole_video(handle, latent, settings, control)
 
     def decode_stream(self, model: ModelHandle | str | Path, latent: torch.Tensor,
                       settings: DecodeSettings = DecodeSettings(), **control) -> Iterator[torch.Tensor]:
@@ -230,13 +241,18 @@ class WorkerPool:
         workers wait when they are ``STREAM_AHEAD`` latent frames ahead of the chunk last yielded (the time
         the consumer takes does not count against ``timeout``).
 
+        Before that the workers report their free memory and the tiles and order are resolved for the
+        smallest (:func:`.tiles.resolve_settings`, within ``settings.budget_bytes`` too). When no frame-order
+        share fits one worker (or ``settings.order`` is "tile"), the workers decode whole tiles instead, as
+        :meth:`decode` does, and the chunks are cut from the whole video blended here (host memory holds it).
+
         Arguments are checked now; the job starts at the first ``next`` and holds the pool until the
         generator ends: close it (or leave the ``for`` loop) to stop early, which interrupts the workers
         and leaves the pool ready for the next job. Interrupts, host cancels, worker deaths and timeouts
         end it as they end the other jobs."""
         handle = as_handle(model, "vae")
-        plan = plan_for_latent(latent, settings)
-        return self._decode_chunks(handle, latent, settings, plan, **control)
+        plan_for_latent(latent, settings, world_size=self.world_size, vae_precision=handle.precision)  # checks
+        return self._decode_chunks(handle, latent, settings, **control)
 
     def describe(self) -> list[dict]:
         """Per worker: its resident models with the parameters it holds, and its peak memory."""
@@ -352,30 +368,61 @@ class WorkerPool:
                 self._fail(worker, name, self._exit_description(worker))
         return job
 
-    def _run(self, name: str, kwargs: dict, *, on_step: Progress | None = None,
-             should_stop: StopCheck | None = None, timeout: float | None = None) -> list:
+    def _run(self, name: str, kwargs: dict, **control) -> list:
         """Send one job to every worker; the results in rank order."""
         with self._exclusive():
-            started = time.perf_counter()
-            try:
-                job = self._open(name, kwargs)
-                results, infos = self._collect(job, name, on_step, should_stop, timeout or self.timeout)
-            finally:
-                self._job = None
-            self.last_report = JobReport(name, time.perf_counter() - started, infos)
-            return results
+            return self._run_held(name, kwargs, **control)
 
-    def _decode_chunks(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings, plan: BlendPlan,
-                       *, on_step: Progress | None = None, should_stop: StopCheck | None = None,
+    def _run_held(self, name: str, kwargs: dict, *, on_step: Progress | None = None,
+                  should_stop: StopCheck | None = None, timeout: float | None = None) -> list:
+        """:meth:`_run` for a caller that holds the job lock already."""
+        started = time.perf_counter()
+        try:
+            job = self._open(name, kwargs)
+            results, infos = self._collect(job, name, on_step, should_stop, timeout or self.timeout)
+        finally:
+            self._job = None
+        self.last_report = JobReport(name, time.perf_counter() - started, infos)
+        return results
+
+    def _resolve(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings, control: dict
+                 ) -> DecodeSettings:
+        """``settings`` resolved once here, so every worker decodes the same plan: when memory matters
+        (:func:`.tiles.needs_budget`), each worker reports its usable memory beyond the VAE weights (a
+        small job; None off CUDA) and the smallest is the budget. Needs the job lock."""
+        free = None
+        if needs_budget(settings):
+            budgets = self._run_held("decode_budget", {"handle": handle}, **control)
+            free = None if any(b is None for b in budgets) else min(budgets)
+        return resolve_settings(latent, settings, world_size=self.world_size, free_bytes=free,
+                                vae_precision=handle.precision)
+
+    def _whole_video(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings, control: dict
+                     ) -> torch.Tensor:
+        """Every worker decodes its tiles whole (resolved ``settings``); the video blended here."""
+        plan = plan_for_latent(latent, settings)
+        results = self._run_held("decode_tiles", {"handle": handle, "latent": latent, "settings": settings}, **control)
+        return blend_tiles(plan, {index: piece for part in results for index, piece in part.items()})
+
+    def _decode_chunks(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings, *,
+                       on_step: Progress | None = None, should_stop: StopCheck | None = None,
                        timeout: float | None = None) -> Iterator[torch.Tensor]:
         """The generator of :meth:`decode_stream`: the job runs while it is iterated."""
-        name, tiles = "decode_stream", len(plan.tiles)
+        name = "decode_stream"
         received: dict[int, dict[int, torch.Tensor]] = {}  # latent frame -> tile index -> weighted piece
 
         def keep(frame: int, pieces: dict[int, torch.Tensor]) -> None:
             received.setdefault(frame, {}).update(pieces)
 
+        control = {"on_step": on_step, "should_stop": should_stop, "timeout": timeout}
         with self._exclusive(streaming=True):
+            settings = self._resolve(handle, latent, settings, control)
+            if settings.order == "tile":  # no frame-order share fits a worker: whole tiles, cut into chunks
+                video = self._whole_video(handle, latent, settings, control)
+                yield from video.split([1] + [4] * (latent.shape[2] - 1), dim=2)
+                return
+            plan = plan_for_latent(latent, settings)
+            tiles = len(plan.tiles)
             started, replies = time.perf_counter(), None
             try:
                 job = self._open(name, {"handle": handle, "latent": latent, "settings": settings})

@@ -11,7 +11,9 @@ the same code. Every rank calls every job; ranks that have nothing to do for a j
 - Without ``t5_fsdp`` only rank 0 loads and runs the text encoder.
 - Decode: rank r decodes tiles r, r + N, ... (:mod:`.tiles`), whole (``decode_tiles``) or in lockstep,
   latent frame by latent frame (``decode_stream``, which the pool's worker sends on as it goes, and
-  ``torchrun`` moves to rank 0 frame by frame with ``gather_stream``).
+  ``torchrun`` moves to rank 0 frame by frame with ``gather_stream``). Automatic tiles and the order are
+  resolved once before, from the smallest rank's usable memory (``decode_budget``; ``resolve_decode``
+  for torchrun, the pool's parent from every worker's ``decode_budget``).
 
 Models stay resident between jobs, cached per role by file identity (path, size, modification time), so
 a second job with the same files loads nothing; a different file for a role replaces that role's model.
@@ -39,6 +41,7 @@ from ..loading import load_t5_tokenizer
 from ..loading.folders import resolve
 from ..models.parallel import check_degree
 from ..pipeline.anchors import Anchor
+from ..pipeline.decode_budget import free_device_bytes
 from ..pipeline.handles import PRECISIONS, ModelHandle
 from ..pipeline.handles import load as load_handle
 from ..pipeline.placement import module_of, on_device
@@ -47,7 +50,7 @@ from ..pipeline.runner import DecodeSettings
 from ..pipeline.stages import hr_latent, lr_anchor
 from ..pipeline.text import TextConditioning, TextEncoder
 from ..pipeline.tiled_decode import BlendPlan
-from .tiles import decode_tiles, decode_tiles_stream, plan_for_latent, tiles_of_rank
+from .tiles import decode_tiles, decode_tiles_stream, needs_budget, plan_for_latent, resolve_settings, tiles_of_rank
 from .ulysses import UlyssesGroup
 
 log = logging.getLogger("pixelwizard")
@@ -282,10 +285,51 @@ class Session:
             return hr_latent(model, anchor_latent, text, settings, seed, sp=self.sp,
                              on_step=self._callback("HR stage", agree=True, report=self.is_main))
 
+    def decode_budget(self, handle: ModelHandle) -> int | None:
+        """Memory this rank's decode may use beyond the VAE weights: ``decode_budget.free_device_bytes`` of its
+        GPU less the VAE's weights not on it yet (loading the VAE, as the decode would); None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        vae = module_of(self.model(_role(handle, "vae")))
+        free = free_device_bytes(self.device)
+        if free is None:
+            return None
+        away = sum(t.numel() * t.element_size() for t in (*vae.parameters(), *vae.buffers()) if t.device != self.device)
+        return max(0, free - away)
+
+    def smallest_decode_budget(self, handle: ModelHandle) -> int | None:
+        """:meth:`decode_budget` of the rank that has least (None when any rank has none), on every rank: one
+        all-reduce MIN of (budget or -1, -failed), so a rank that failed to measure stops the others too."""
+        mine, failure = None, None
+        try:
+            mine = self.decode_budget(handle)
+        except Exception as error:  # every rank must reach the all-reduce
+            failure = error
+        if self.world_size > 1:
+            value = torch.tensor([-1 if mine is None else mine, -int(failure is not None)], dtype=torch.int64)
+            dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.cpu_group)
+            if failure is None and value[1].item() < 0:
+                raise JobInterrupted("decode stopped before it started: another rank failed to load the VAE or "
+                                     "read its free memory (see its log)")
+            mine = None if value[0].item() < 0 else int(value[0].item())
+        if failure is not None:
+            raise failure
+        return mine
+
+    def resolve_decode(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings) -> DecodeSettings:
+        """``settings`` resolved for this world (:func:`.tiles.resolve_settings`) within the smallest rank's
+        usable memory and ``settings.budget_bytes``: the same on every rank. Collective (torchrun): every
+        rank calls it with the same arguments."""
+        free = self.smallest_decode_budget(handle) if needs_budget(settings) else None
+        return resolve_settings(latent, settings, world_size=self.world_size, free_bytes=free,
+                                vae_precision=handle.precision)
+
     def decode_tiles(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings
                      ) -> dict[int, torch.Tensor]:
-        """This rank's tiles of the tiled decode, weighted, on the CPU (see :mod:`.tiles`)."""
-        plan = plan_for_latent(latent, settings)
+        """This rank's tiles of the tiled decode, weighted, on the CPU (see :mod:`.tiles`). ``settings``
+        should be resolved already (:meth:`resolve_decode`); automatic tiles left in them are resolved
+        without reading memory (the reference's tiles, or within ``budget_bytes``)."""
+        plan = plan_for_latent(latent, settings, world_size=self.world_size, vae_precision=handle.precision)
         indices = tiles_of_rank(len(plan.tiles), self.rank, self.world_size)
         if not indices:
             return {}
@@ -297,8 +341,8 @@ class Session:
                       ) -> Iterator[dict[int, torch.Tensor]]:
         """This rank's tiles decoded in lockstep: per latent frame, {tile index: weighted piece} on the CPU
         (see :func:`.tiles.decode_tiles_stream`); nothing on a rank without tiles. The VAE stays placed
-        while the generator runs; close it to free the tiles' caches."""
-        plan = plan_for_latent(latent, settings)
+        while the generator runs; close it to free the tiles' caches. ``settings`` as :meth:`decode_tiles`."""
+        plan = plan_for_latent(latent, settings, world_size=self.world_size, vae_precision=handle.precision)
         indices = tiles_of_rank(len(plan.tiles), self.rank, self.world_size)
         if not indices:
             return

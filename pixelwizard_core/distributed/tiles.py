@@ -15,51 +15,206 @@ Two ways to decode a rank's tiles, as the single-process decode has two orders:
   tiles' caches stay on the device, like ``order="frame"``); the weighted pieces of each latent frame
   can be blended (:func:`blend_tiles` on one frame's pieces) and dropped as soon as every rank has sent
   them, so no place ever holds the whole video.
+
+Choosing tiles and order from memory (:func:`choose_rank_tiles`, :func:`resolve_settings`): every rank
+must use the same plan, so the launchers resolve the settings once, before the decode, from one figure:
+the SMALLEST usable memory over the ranks (each rank's ``decode_budget.free_device_bytes`` less the VAE
+weights not yet on its GPU), lowered to ``DecodeSettings.budget_bytes`` when that is set. A rank holds
+``ceil(tiles / ranks)`` tiles, so in frame order its caches shrink with more tiles only until every rank
+holds one; beyond that only tile order (one tile's cache per rank) helps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from ..doctor import (
+    GIB,
+    PRECISION_BYTES,
+    VAE_CACHE_BYTES_PER_LATENT_PIXEL,
+    VAE_TRANSIENT_BF16_BYTES_PER_LATENT_PIXEL,
+    VAE_TRANSIENT_FP32_BYTES_PER_LATENT_PIXEL,
+)
 from ..errors import ConfigError
 from ..models.vae import WanVAE
-from ..pipeline.decode_budget import choose_tiles, preset_tiles
+from ..pipeline.decode_budget import (
+    TileChoice,
+    check_budget,
+    check_overlap,
+    effective_budget,
+    layouts,
+    preset_tiles,
+)
 from ..pipeline.runner import DecodeSettings
-from ..pipeline.tiled_decode import AUTO_PATCHES, SCALE, BlendPlan, Tile, blend_plan
+from ..pipeline.tiled_decode import AUTO_PATCHES, ORDERS, SCALE, BlendPlan, Tile, blend_plan, plan_tiles
 
 log = logging.getLogger("pixelwizard")
 
 TileCallback = Callable[[int, int], None]  # (tile-frames done, total) on this rank
 
 
-def plan_for_latent(latent: torch.Tensor, settings: DecodeSettings, *, budget_bytes: int | None = None,
-                    vae_precision: str = "fp32") -> BlendPlan:
+def rank_decode_bytes(latent_hw: tuple[int, int], num_patches: int | Sequence[int], patch_dim: str,
+                      overlap: int | Sequence[int], *, order: str, vae_precision: str, world_size: int) -> int:
+    """Device memory beyond the VAE weights of the busiest rank's share of a split decode (doctor's
+    ``decode_bytes`` arithmetic, per rank).
+
+    Round robin gives a rank at most ``ceil(tiles / world_size)`` tiles; the estimate takes that many of
+    the LARGEST tiles. Order "frame" (:func:`decode_tiles_stream`) keeps all their causal caches on the
+    device, order "tile" (:func:`decode_tiles`) one at a time; either way one tile decodes a latent frame
+    at a time (the largest tile's transient) and its float32 piece and weighted copy (4 frames x 3
+    channels) pass through the device. Unlike one process, no rank holds a blended frame: rank 0 blends
+    on the host.
+    """
+    tiles = plan_tiles(latent_hw, num_patches, patch_dim, overlap)
+    areas = sorted(((t.rows[1] - t.rows[0]) * (t.cols[1] - t.cols[0]) for t in tiles), reverse=True)
+    held = areas[:math.ceil(len(areas) / max(world_size, 1))] if order == "frame" else areas[:1]
+    half = PRECISION_BYTES[vae_precision] == 2
+    caches = sum(held) * VAE_CACHE_BYTES_PER_LATENT_PIXEL // (2 if half else 1)
+    transient = areas[0] * (VAE_TRANSIENT_BF16_BYTES_PER_LATENT_PIXEL if half
+                            else VAE_TRANSIENT_FP32_BYTES_PER_LATENT_PIXEL)
+    chunk = 4 * 3 * 4 * 2 * SCALE * SCALE * areas[0]
+    return int(caches + transient + chunk)
+
+
+def _is_auto(num_patches: object) -> bool:
+    return isinstance(num_patches, int) and not isinstance(num_patches, bool) and num_patches == AUTO_PATCHES
+
+
+def choose_rank_tiles(latent_hw: tuple[int, int], budget_bytes: int | None, world_size: int, *,
+                      vae_precision: str, overlap: int | Sequence[int] = 3, order: str = "frame",
+                      num_patches: int | Sequence[int] = AUTO_PATCHES, patch_dim: str = "w") -> TileChoice:
+    """The tiles and order every rank of a ``world_size``-rank decode must use, within ``budget_bytes``
+    per rank (the smallest rank's figure); ``estimated_bytes`` is :func:`rank_decode_bytes` of the choice.
+
+    * ``budget_bytes`` None: the reference's tiles (``num_patches=0``) or the given ones, in ``order``.
+    * ``num_patches=0``: the fewest tiles whose busiest rank fits in ``order`` (in frame order more tiles
+      help until every rank holds one); when ``order="frame"`` and no layout fits in frame order, the
+      fewest of which one tile fits in tile order; else ConfigError with what is needed and what to change.
+      Layouts as ``decode_budget.candidates`` enumerates them (at equal count one axis before a grid).
+    * explicit ``num_patches``: kept; only frame order falls back to tile order when the rank's share
+      does not fit (logged), with a warning when even one tile does not.
+    """
+    if order not in ORDERS:
+        raise ConfigError(f"decode order {order!r}: choose one of {', '.join(ORDERS)} (frame streams the video, "
+                          "tile decodes one whole tile at a time)")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size {world_size!r}: a split decode needs 1 or more ranks")
+
+    def estimate(patches: int | Sequence[int], dim: str, tile_order: str) -> int:
+        return rank_decode_bytes(latent_hw, patches, dim, overlap, order=tile_order, vae_precision=vae_precision,
+                                 world_size=world_size)
+
+    if not _is_auto(num_patches):
+        return _explicit(latent_hw, budget_bytes, world_size, num_patches, patch_dim, order, estimate)
+    if budget_bytes is None:
+        preset = preset_tiles(latent_hw, vae_precision=vae_precision, overlap=overlap, order=order)
+        return TileChoice(preset.num_patches, preset.patch_dim, order, estimate(preset.num_patches, "w", order))
+    check_overlap(overlap)
+    ranked = []
+    for rank, tile_order in enumerate(("frame", "tile") if order == "frame" else ("tile",)):
+        for patches, dim in layouts(latent_hw, overlap):
+            choice = TileChoice(patches, dim, tile_order, estimate(patches, dim, tile_order))
+            ranked.append(((rank, choice.count, dim == "hw", choice.estimated_bytes), choice))
+    ranked.sort(key=lambda pair: pair[0])
+    for _, choice in ranked:
+        if choice.estimated_bytes <= budget_bytes:
+            return choice
+    smallest = min((choice for _, choice in ranked), key=lambda c: c.estimated_bytes)
+    raise ConfigError(_no_fit_message(latent_hw, budget_bytes, world_size, smallest, vae_precision))
+
+
+def _explicit(latent_hw: tuple[int, int], budget_bytes: int | None, world_size: int, num_patches: int | Sequence[int],
+              patch_dim: str, order: str, estimate: Callable[[int | Sequence[int], str, str], int]) -> TileChoice:
+    """Explicit tiles: kept, and frame order kept unless the rank's share does not fit."""
+    wanted = estimate(num_patches, patch_dim, order)
+    if budget_bytes is None or order == "tile" or wanted <= budget_bytes:
+        return TileChoice(num_patches, patch_dim, order, wanted)
+    fallback = estimate(num_patches, patch_dim, "tile")
+    log.info("decode order frame -> tile: %s tile(s) (patch_dim %s) over %d rank(s) need about %.1f GiB per rank in "
+             "frame order (all of a rank's tile caches at once), more than the %.1f GiB budget; one tile at a time "
+             "needs about %.1f GiB", num_patches, patch_dim, world_size, wanted / GIB, budget_bytes / GIB,
+             fallback / GIB)
+    if fallback > budget_bytes:
+        log.warning("even one tile of num_patches=%s (about %.1f GiB) exceeds the decode budget of %.1f GiB: the "
+                    "decode may run out of memory; use more tiles, a bf16 VAE, or num_patches 0 (automatic)",
+                    num_patches, fallback / GIB, budget_bytes / GIB)
+    return TileChoice(num_patches, patch_dim, "tile", fallback)
+
+
+def _no_fit_message(latent_hw: tuple[int, int], budget: int, world_size: int, smallest: TileChoice,
+                    vae_precision: str) -> str:
+    fixes = ["a bf16 VAE (--vae_dtype bf16, or VAE precision bf16: about half the memory)"] \
+        if PRECISION_BYTES[vae_precision] == 4 else []
+    fixes += ["freeing GPU memory (offload the other models, close other programs using the GPUs)",
+              ("more, smaller tiles than automatic tiling allows: set --num_patches yourself (e.g. a grid with "
+               "--patch_dim hw) with --decode_order tile"),
+              "a smaller resolution"]
+    where = "each process" if world_size > 1 else "the device"
+    return (f"the VAE decode of a {latent_hw[1] * SCALE}x{latent_hw[0] * SCALE} video split over {world_size} "
+            f"process(es) needs at least {smallest.estimated_bytes / GIB:.1f} GiB on {where} beyond the VAE weights "
+            f"({smallest.describe()}), but only {max(budget, 0) / GIB:.1f} GiB is usable (the smallest over the "
+            "ranks, or the decode budget you set). Try " + "; or ".join(fixes))
+
+
+def needs_budget(settings: DecodeSettings) -> bool:
+    """Whether resolving ``settings`` may depend on memory (automatic tiles, or frame order that may fall
+    back): only then do the ranks measure it. Depends on the settings alone, so every rank agrees."""
+    return _is_auto(settings.num_patches) or settings.order == "frame"
+
+
+def resolve_settings(latent: torch.Tensor, settings: DecodeSettings, *, world_size: int,
+                     free_bytes: int | None = None, vae_precision: str = "fp32") -> DecodeSettings:
+    """``settings`` with the tiles and order every rank of the split decode uses (:func:`choose_rank_tiles`),
+    chosen within ``min(settings.budget_bytes, free_bytes)`` shared by the latent's batch. ``free_bytes``
+    must be the same on every rank (the smallest rank's usable memory; None off CUDA). Logs the choice."""
+    _check_latent(latent)
+    budget = effective_budget(settings.budget_bytes, free_bytes)
+    share = None if budget is None else budget // latent.shape[0]
+    choice = choose_rank_tiles(tuple(latent.shape[-2:]), share, world_size, vae_precision=vae_precision,
+                               overlap=settings.overlap, order=settings.order, num_patches=settings.num_patches,
+                               patch_dim=settings.patch_dim)
+    if _is_auto(settings.num_patches):
+        log.info("decode tiles (auto, %d rank(s), %s): %s", world_size,
+                 "no memory budget: the reference's defaults" if budget is None
+                 else f"{budget / GIB:.1f} GiB per rank", choice.describe())
+    return dataclasses.replace(settings, num_patches=choice.num_patches, patch_dim=choice.patch_dim,
+                               order=choice.order)
+
+
+def plan_for_latent(latent: torch.Tensor, settings: DecodeSettings, *, world_size: int = 1,
+                    free_bytes: int | None = None, vae_precision: str = "fp32") -> BlendPlan:
     """The blend plan of ``latent`` [B, 48, T, h, w] (arguments checked here, before any decoding).
 
-    ``settings.num_patches == 0`` (automatic) must resolve to the same plan in every process that calls
-    this (the parent and each rank), so it never reads the local device: without ``budget_bytes`` it is
-    the reference's default for the latent's size (3 at 2K, 4 at 4K, else 1, along the width); with it,
-    the fewest tiles of which ONE fits the budget in tile order, since each rank decodes its tiles one
-    at a time (a caller passing it must give every process the same figure, e.g. the smallest rank's
-    ``decode_budget.free_device_bytes``).
+    ``settings.num_patches == 0`` (automatic) is resolved by :func:`resolve_settings`, which reads no
+    device: every process that calls this with the same arguments gets the same plan. The launchers
+    resolve the settings once (with the ranks' smallest free memory) and pass the resolved ones on.
     """
+    _check_latent(latent)
+    _check_settings(settings)
+    if _is_auto(settings.num_patches):
+        settings = resolve_settings(latent, settings, world_size=world_size, free_bytes=free_bytes,
+                                    vae_precision=vae_precision)
+    return blend_plan(tuple(latent.shape[-2:]), settings.num_patches, settings.patch_dim, settings.overlap,
+                      settings.blend)
+
+
+def _check_settings(settings: DecodeSettings) -> None:
+    """What no plan checks: the order and the memory cap (checked before any worker starts)."""
+    if settings.order not in ORDERS:
+        raise ConfigError(f"decode order {settings.order!r}: choose one of {', '.join(ORDERS)} (frame streams the "
+                          "video, tile decodes one whole tile at a time)")
+    check_budget(settings.budget_bytes)
+
+
+def _check_latent(latent: object) -> None:
     if not torch.is_tensor(latent) or latent.dim() != 5:
         shape = tuple(latent.shape) if torch.is_tensor(latent) else type(latent).__name__
         raise ConfigError(f"tiled decode expects a latent [B, 48, T, h, w], got {shape}")
-    latent_hw = tuple(latent.shape[-2:])
-    num_patches, patch_dim = settings.num_patches, settings.patch_dim
-    if isinstance(num_patches, int) and not isinstance(num_patches, bool) and num_patches == AUTO_PATCHES:
-        if budget_bytes is None:
-            choice = preset_tiles(latent_hw, vae_precision=vae_precision, overlap=settings.overlap, order="tile")
-        else:
-            choice = choose_tiles(latent_hw, budget_bytes // latent.shape[0], vae_precision=vae_precision,
-                                  overlap=settings.overlap, order="tile")
-        num_patches, patch_dim = choice.num_patches, choice.patch_dim
-        log.debug("multi-process decode tiles (auto): %s", choice.describe())
-    return blend_plan(latent_hw, num_patches, patch_dim, settings.overlap, settings.blend)
 
 
 def tiles_of_rank(num_tiles: int, rank: int, world_size: int) -> list[int]:

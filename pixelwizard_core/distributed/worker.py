@@ -46,7 +46,7 @@ from .transport import receive, send
 
 log = logging.getLogger("pixelwizard")
 
-JOBS = ("encode_text", "lr_anchor", "hr_latent", "decode_tiles", "decode_stream", "describe")
+JOBS = ("encode_text", "lr_anchor", "hr_latent", "decode_budget", "decode_tiles", "decode_stream", "describe")
 STREAMED = ("decode_stream",)  # their job method returns an iterator of parts, sent one by one
 CREDIT_POLL_S = 0.5
 

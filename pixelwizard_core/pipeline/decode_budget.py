@@ -22,7 +22,12 @@ which most of a tile would be border, and it caps the re-decoded overlap at 2 * 
 work per tile with the default overlap 3.
 
 :func:`free_device_bytes` is the budget on CUDA; on other devices there is none and "auto" means the
-reference's defaults (:func:`preset_tiles`).
+reference's defaults (:func:`preset_tiles`). A user's cap (``DecodeSettings.budget_bytes``, the CLI's
+``--decode_budget_gib``) lowers the budget to ``min(cap, free)``, and is the budget by itself on a CPU.
+
+Multi-process decodes choose per rank from the same figures (``distributed/tiles.py``
+:func:`~pixelwizard_core.distributed.tiles.choose_rank_tiles`): there a rank holds only its share of the
+tiles, so in frame order more tiles DO help, down to one tile per rank.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from .tiled_decode import AUTO_PATCHES, ORDERS, SCALE
 
 log = logging.getLogger("pixelwizard")
 
-__all__ = ["AUTO_PATCHES", "MIN_TILE_LATENT", "TileChoice", "auto_tiles", "candidates", "choose_tiles",
-           "free_device_bytes", "max_patches", "min_tile", "preset_tiles", "vae_precision_of"]
+__all__ = ["AUTO_PATCHES", "MIN_TILE_LATENT", "TileChoice", "auto_tiles", "candidates", "check_budget", "choose_tiles",
+           "effective_budget", "free_device_bytes", "layouts", "max_patches", "min_tile", "preset_tiles",
+           "vae_precision_of"]
 
 MIN_TILE_LATENT = 16  # latent positions (256 pixels): see the module docstring
 
@@ -86,7 +92,7 @@ def max_patches(length: int, overlap: int) -> int:
     return max(1, length // min_tile(overlap))
 
 
-def _layouts(latent_hw: tuple[int, int], overlap: int) -> Iterator[tuple[int | tuple[int, int], str]]:
+def layouts(latent_hw: tuple[int, int], overlap: int) -> Iterator[tuple[int | tuple[int, int], str]]:
     """(num_patches, patch_dim) of every allowed layout: 1 tile, the longer axis, then grids."""
     height, width = latent_hw
     yield 1, "w"
@@ -98,7 +104,8 @@ def _layouts(latent_hw: tuple[int, int], overlap: int) -> Iterator[tuple[int | t
             yield (rows, cols), "hw"
 
 
-def _check_overlap(overlap: object) -> None:
+def check_overlap(overlap: object) -> None:
+    """Automatic tiles need one int overlap (the layouts are enumerated for both axes alike)."""
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
         raise ConfigError(f"automatic tiles (num_patches=0) need one overlap of 0 or more latent positions for "
                           f"both axes, got {overlap!r}; give an int, or choose num_patches yourself")
@@ -109,11 +116,11 @@ def candidates(latent_hw: tuple[int, int], *, vae_precision: str, overlap: int =
     """Every allowed choice, most preferred first (see the module docstring)."""
     if order not in ORDERS:
         raise ConfigError(f"order must be one of {ORDERS} (lockstep streaming, or one tile at a time), got {order!r}")
-    _check_overlap(overlap)
+    check_overlap(overlap)
     height, width = latent_hw[0] * SCALE, latent_hw[1] * SCALE
     ranked = []
     for rank, tile_order in enumerate(("frame", "tile") if order == "frame" else ("tile",)):
-        for num_patches, patch_dim in _layouts(latent_hw, overlap):
+        for num_patches, patch_dim in layouts(latent_hw, overlap):
             estimate = decode_bytes(width, height, num_patches=num_patches, overlap=overlap, patch_dim=patch_dim,
                                     order=tile_order, vae_precision=vae_precision)
             choice = TileChoice(num_patches, patch_dim, tile_order, estimate)
@@ -157,7 +164,7 @@ def preset_tiles(latent_hw: tuple[int, int], *, vae_precision: str = "fp32", ove
                  order: str = "frame") -> TileChoice:
     """The reference's tiles without a budget: the tile count of the largest preset whose area the video
     reaches (3 at 2K, 4 at 4K; 1 below 2K), along the width, at most ``max_patches`` of it."""
-    _check_overlap(overlap)
+    check_overlap(overlap)
     area = latent_hw[0] * latent_hw[1] * SCALE * SCALE
     reached = [p for p in HR_PRESETS.values() if p.width * p.height <= area]
     count = max(reached, key=lambda p: p.width * p.height).decode_patches if reached else 1
@@ -165,6 +172,23 @@ def preset_tiles(latent_hw: tuple[int, int], *, vae_precision: str = "fp32", ove
     estimate = decode_bytes(latent_hw[1] * SCALE, latent_hw[0] * SCALE, num_patches=count, overlap=overlap,
                             patch_dim="w", order=order, vae_precision=vae_precision)
     return TileChoice(count, "w", order, estimate)
+
+
+def check_budget(budget_bytes: object) -> int | None:
+    """A user's cap on decode memory (``DecodeSettings.budget_bytes``): None, or bytes >= 0."""
+    if budget_bytes is None:
+        return None
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+        raise ConfigError(f"decode memory budget {budget_bytes!r}: give a number of bytes (0 or more), or None to use "
+                          "the device's free memory (--decode_budget_gib 0)")
+    return budget_bytes
+
+
+def effective_budget(cap_bytes: int | None, free_bytes: int | None) -> int | None:
+    """The budget a decode chooses its tiles by: the smaller of a user's cap and the device's free memory,
+    either alone where the other is None (no cap; no budget on a CPU), None where both are."""
+    known = [value for value in (check_budget(cap_bytes), free_bytes) if value is not None]
+    return min(known) if known else None
 
 
 def free_device_bytes(device: torch.device | str) -> int | None:
@@ -184,21 +208,27 @@ def free_device_bytes(device: torch.device | str) -> int | None:
 
 
 def auto_tiles(latent_hw: tuple[int, int], device: torch.device | str, *, vae_precision: str, overlap: int = 3,
-               order: str = "frame", batch: int = 1) -> TileChoice:
+               order: str = "frame", batch: int = 1, cap_bytes: int | None = None) -> TileChoice:
     """Tiles for a decode on ``device`` now: :func:`choose_tiles` within :func:`free_device_bytes` (shared by
-    the ``batch`` videos decoded together), or :func:`preset_tiles` where there is no budget. Logs the choice."""
-    budget = free_device_bytes(device)
+    the ``batch`` videos decoded together), or within ``cap_bytes`` when that is smaller (on a CPU: the cap
+    alone), or :func:`preset_tiles` where there is no budget at all. Logs the choice."""
+    free = free_device_bytes(device)
+    budget = effective_budget(cap_bytes, free)
     if budget is None:
         choice = preset_tiles(latent_hw, vae_precision=vae_precision, overlap=overlap, order=order)
         log.info("decode tiles (auto, no memory budget on %s: the reference's defaults): %s",
                  torch.device(device), choice.describe())
         return choice
+    capped = free is None or budget < free
     try:
         choice = choose_tiles(latent_hw, budget // max(batch, 1), vae_precision=vae_precision, overlap=overlap,
                               order=order)
     except ConfigError as error:
-        raise ConfigError(f"{error}. (Usable memory on {torch.device(device)}: free plus PyTorch's reusable cache, "
-                          f"less a margin of {HEADROOM_BYTES / GIB:.1f} GiB and {HEADROOM_FRACTION:.0%}"
+        where = (f"the decode budget you set, {budget / GIB:.1f} GiB (--decode_budget_gib)"
+                 if capped else f"usable memory on {torch.device(device)}: free plus PyTorch's reusable cache, less "
+                                f"a margin of {HEADROOM_BYTES / GIB:.1f} GiB and {HEADROOM_FRACTION:.0%}")
+        raise ConfigError(f"{error}. ({where[0].upper()}{where[1:]}"
                           + (f", shared by a batch of {batch}" if batch > 1 else "") + ")") from None
-    log.info("decode tiles (auto, %.1f GiB usable on %s): %s", budget / GIB, torch.device(device), choice.describe())
+    log.info("decode tiles (auto, %.1f GiB %s on %s): %s", budget / GIB, "allowed by the decode budget" if capped
+             else "usable", torch.device(device), choice.describe())
     return choice

@@ -35,7 +35,8 @@ class DecodeSettings:
     # 0 = automatic (tiled_decode_stream / decode_budget.py): the fewest tiles whose estimated memory fits
     # what is free on the VAE's device when the decode starts (then patch_dim is chosen too, and order
     # "frame" may fall back to "tile"); without a budget (CPU) the reference's 3 at 2K, 4 at 4K, else 1.
-    # Multi-process decodes resolve 0 to those defaults on every rank (distributed/tiles.py).
+    # Multi-process decodes resolve 0 per rank's share of the tiles, from the smallest free memory over the
+    # ranks, the same settings on every rank (distributed/tiles.py choose_rank_tiles).
     num_patches: int = 3
     patch_dim: str = "w"
     overlap: int = 3
@@ -45,6 +46,10 @@ class DecodeSettings:
     order: str = "frame"
     fps: int = FPS
     crf: int = 10  # libx264 constant rate factor; 10 matches the reference's imageio quality 8
+    # A cap in bytes on the decode memory (beyond the VAE weights) the automatic choice plans for, per GPU or
+    # rank: min(cap, free memory); on a CPU the cap alone. None = the device's free memory only. Explicit
+    # num_patches ignore it in one process; in several, order "frame" falls back to "tile" beyond it.
+    budget_bytes: int | None = None
 
 
 @dataclass
@@ -110,7 +115,8 @@ class PixelWizard:
             with VideoWriter(path, fps=settings.fps, crf=settings.crf, overwrite=overwrite) as writer:
                 for chunk in tiled_decode_stream(vae, latent, num_patches=settings.num_patches,
                                                  patch_dim=settings.patch_dim, overlap=settings.overlap,
-                                                 blend=settings.blend, order=settings.order, on_step=on_step):
+                                                 blend=settings.blend, order=settings.order, on_step=on_step,
+                                                 budget_bytes=settings.budget_bytes):
                     writer.append(chunk)
                     if pngs is not None:
                         pngs.append(chunk)

@@ -247,14 +247,15 @@ def blend_plan(latent_hw: tuple[int, int], num_patches: int | Sequence[int] = 3,
 def tiled_decode_stream(vae: WanVAE, latent: torch.Tensor, num_patches: int | Sequence[int] = 3,
                         patch_dim: str = "w", overlap: int | Sequence[int] = 3, blend: str = "cosine",
                         on_step: Callable[[int, int], None] | None = None,
-                        order: str = "frame") -> Iterator[torch.Tensor]:
+                        order: str = "frame", budget_bytes: int | None = None) -> Iterator[torch.Tensor]:
     """Decode a normalised latent [B, 48, T, h, w] tile by tile; yields blended frames in order.
 
     ``num_patches=0`` chooses the tiles automatically (:mod:`.decode_budget`): the fewest whose estimated
     memory fits what is free on the VAE's device now (CUDA), or the reference's defaults where there is
     no budget (CPU: 3 at 2K, 4 at 4K, else 1, along the width). Then ``patch_dim`` is chosen too (the
     given one is ignored), ``overlap`` must be one int, and ``order="frame"`` may fall back to "tile"
-    when no frame-order tiling fits; the choice is logged.
+    when no frame-order tiling fits; the choice is logged. ``budget_bytes`` caps the memory the automatic
+    choice may plan for (min(cap, free); on a CPU the cap alone); it is ignored for explicit tiles.
 
     Each yielded chunk is float32 [B, 3, n, 16h, 16w] in [-1, 1] (n = 1 for the first latent frame, 4
     after), on the VAE's device for ``order="frame"`` and on the CPU for ``order="tile"`` (see the module
@@ -266,7 +267,7 @@ def tiled_decode_stream(vae: WanVAE, latent: torch.Tensor, num_patches: int | Se
     if order not in ORDERS:
         raise ConfigError(f"order must be one of {ORDERS} (lockstep streaming, or one tile at a time), got {order!r}")
     if isinstance(num_patches, int) and not isinstance(num_patches, bool) and num_patches == AUTO_PATCHES:
-        num_patches, patch_dim, order = _auto(vae, latent, overlap, order)
+        num_patches, patch_dim, order = _auto(vae, latent, overlap, order, budget_bytes)
     plan = blend_plan(tuple(latent.shape[-2:]), num_patches, patch_dim, overlap, blend)
     streams = []
     for tile in plan.tiles:
@@ -284,14 +285,14 @@ def _check_latent(latent: torch.Tensor) -> None:
         raise ConfigError(f"tiled decode expects a latent [B, 48, T, h, w], got {shape}")
 
 
-def _auto(vae: WanVAE, latent: torch.Tensor, overlap: int | Sequence[int], order: str
+def _auto(vae: WanVAE, latent: torch.Tensor, overlap: int | Sequence[int], order: str, budget_bytes: int | None
           ) -> tuple[int | tuple[int, int], str, str]:
     """(num_patches, patch_dim, order) chosen for this latent on the VAE's device, now."""
     from . import decode_budget  # here: decode_budget imports doctor, which imports this module
 
     choice = decode_budget.auto_tiles(tuple(latent.shape[-2:]), vae.device,
                                       vae_precision=decode_budget.vae_precision_of(vae.dtype), overlap=overlap,
-                                      order=order, batch=latent.shape[0])
+                                      order=order, batch=latent.shape[0], cap_bytes=budget_bytes)
     return choice.num_patches, choice.patch_dim, choice.order
 
 
