@@ -110,7 +110,7 @@ from pixelwizard_core.models.attention import resolve_backend  # noqa: E402
 from pixelwizard_core.models.dit import DiTConfig, WanDiT  # noqa: E402
 from pixelwizard_core.models.hr import WanHRDiT  # noqa: E402
 from pixelwizard_core.models.t5 import T5Config, UMT5Encoder  # noqa: E402
-from pixelwizard_core.models.vae import CausalCache, VAEConfig, WanVAE  # noqa: E402
+from pixelwizard_core.models.vae import VAEConfig, WanVAE, decoder_cache_elements  # noqa: E402
 from pixelwizard_core.pipeline.placement import module_of, on_device  # noqa: E402
 from pixelwizard_core.pipeline.presets import HR_CFG, HR_PRESETS, LR_DEFAULTS, StageSettings, latent_frames  # noqa: E402
 from pixelwizard_core.pipeline.stages import hr_latent, lr_anchor  # noqa: E402
@@ -846,16 +846,7 @@ class Bench:
 @functools.cache
 def cache_bytes_per_latent_pixel(config: VAEConfig, item: int) -> float:
     """Causal-cache bytes per latent pixel of a decoder at steady state: exact, from meta tensors."""
-    side = 16
-    with torch.device("meta"):
-        model = WanVAE(config)
-    x = torch.empty(1, config.z_dim, 3, side, side, device="meta")
-    cache = CausalCache()
-    with torch.no_grad():
-        for i in range(3):
-            cache.first_chunk = i == 0
-            model.decoder(x[:, :, i:i + 1], cache)
-    return sum(t.numel() for t in cache.history.values()) * item / (side * side)
+    return decoder_cache_elements(config, (16, 16)) * item / (16 * 16)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def main() -> None:
         work = Path(tmp)
         write_files(cfg, work)
         print(f"synthetic DiT: dim {cfg.dim}, {cfg.num_layers} blocks; peak extra anonymous memory / loaded model size")
-        print(f"| method | to bfloat16 | to float32 |\n|---|---|---|")
+        print("| method | to bfloat16 | to float32 |\n|---|---|---|")
         for label, method in METHODS.items():
             cells = []
             for dtype in ("bfloat16", "float32"):

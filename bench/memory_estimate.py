@@ -43,7 +43,7 @@ from pixelwizard_core.models import vae as vae_module  # noqa: E402
 from pixelwizard_core.models.dit import DiTConfig  # noqa: E402
 from pixelwizard_core.models.hr import WanHRDiT  # noqa: E402
 from pixelwizard_core.models.t5 import T5Config, UMT5Encoder  # noqa: E402
-from pixelwizard_core.models.vae import CausalCache, VAEConfig, WanVAE  # noqa: E402
+from pixelwizard_core.models.vae import VAEConfig, WanVAE, decoder_cache_elements  # noqa: E402
 
 GIB = 2**30
 
@@ -136,22 +136,13 @@ def case_vae(sizes: list[tuple[int, int]], dtype: str, target: tuple[int, int]) 
 
 def cache_bytes_per_latent_pixel(element_size: int = 4) -> float:
     """Causal-cache bytes per latent pixel of the real decoder (exact, from meta tensors)."""
-    h, w = 16, 16
-    with torch.device("meta"):
-        model = WanVAE(VAEConfig())
-    x = torch.empty(1, 48, 3, h, w, device="meta")
-    cache = CausalCache()
-    with torch.no_grad():
-        for i in range(3):
-            cache.first_chunk = i == 0
-            model.decoder(x[:, :, i:i + 1], cache)
-    return sum(t.numel() for t in cache.history.values()) * element_size / (h * w)
+    return decoder_cache_elements(VAEConfig(), (16, 16)) * element_size / (16 * 16)
 
 
 def _fit(points: dict) -> tuple[float, float]:
     """Least-squares slope and intercept of bytes against size."""
     xs, ys = [float(k) for k in points], [float(v) for v in points.values()]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return slope, my - slope * mx
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from peak_memory import peak_extra_rss  # noqa: E402
 from pixelwizard_core.io import frames_to_uint8  # noqa: E402
 from pixelwizard_core.models import vae as vae_module  # noqa: E402
-from pixelwizard_core.models.vae import CausalCache, VAEConfig, WanVAE  # noqa: E402
+from pixelwizard_core.models.vae import VAEConfig, WanVAE, decoder_cache_elements  # noqa: E402
 from pixelwizard_core.pipeline.tiled_decode import blend_plan, plan_tiles, tiled_decode_stream  # noqa: E402
 
 CASES = {
@@ -98,15 +98,7 @@ def measure(case: str, args: argparse.Namespace) -> dict:
 
 def real_cache_gib(height: int, width: int) -> float:
     """Causal-cache bytes of the real decoder (float32) after a few latent frames, from meta tensors."""
-    with torch.device("meta"):
-        model = WanVAE(VAEConfig())
-    x = torch.empty(1, 48, 3, height, width, device="meta")
-    cache = CausalCache()
-    with torch.no_grad():
-        for i in range(3):
-            cache.first_chunk = i == 0
-            model.decoder(x[:, :, i:i + 1], cache)
-    return sum(t.numel() * t.element_size() for t in cache.history.values()) / 2**30
+    return decoder_cache_elements(VAEConfig(), (height, width)) * 4 / 2**30
 
 
 def print_real_cache() -> None:

@@ -11,7 +11,7 @@ from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline import handles
 from pixelwizard_core.pipeline.anchors import Anchor
 from pixelwizard_core.pipeline.jobs import output_path
-from pixelwizard_core.pipeline.presets import LR_DEFAULTS, StageSettings, check_size
+from pixelwizard_core.pipeline.presets import LR_DEFAULTS, StageSettings
 from pixelwizard_core.pipeline.stages import anchor_from_video, lr_anchor
 
 from . import host
@@ -174,11 +174,7 @@ class PixelWizardAnchorFromLatent:
                              "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "kept as the anchor's description"})}}
 
     def convert(self, latent, prompt):
-        normalised = from_comfy_latent(latent)
-        _, _, t, h, w = normalised.shape
-        check_size(w * 16, h * 16)
-        return (Anchor(latent=normalised, prompt=prompt, negative_prompt="", seed=0, width=w * 16, height=h * 16,
-                       frames=4 * (t - 1) + 1, steps=0, shift=0.0, cfg=0.0, solver="", model="latent"),)
+        return (Anchor.from_latent(from_comfy_latent(latent), model="latent", prompt=prompt),)
 
 
 class PixelWizardAnchorFromVideo:
@@ -199,6 +195,5 @@ class PixelWizardAnchorFromVideo:
         }}
 
     def encode(self, wan, frames, width, height, prompt):
-        check_size(width, height)
         with handles.opened(wan.vae, host.device()) as vae:
             return (anchor_from_video(vae, frames, width, height, prompt=prompt),)

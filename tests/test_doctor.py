@@ -182,3 +182,11 @@ def test_the_chunk_allowance_is_the_dit_chunk_budget():
     from pixelwizard_core.models.dit import FFN_CHUNK_BYTES
 
     assert doctor.DIT_CHUNK_BYTES == FFN_CHUNK_BYTES
+
+
+def test_the_vae_cache_constant_is_the_exact_count_of_the_real_decoder():
+    from pixelwizard_core.models.vae import VAEConfig, decoder_cache_elements
+
+    elements = decoder_cache_elements(VAEConfig(), (16, 16))
+    assert elements * 4 / (16 * 16) == doctor.VAE_CACHE_BYTES_PER_LATENT_PIXEL
+    assert decoder_cache_elements(VAEConfig(), (16, 32)) == 2 * elements  # proportional to the latent area

@@ -45,9 +45,8 @@ from ..models.vae import WanVAE
 from ..pipeline.decode_budget import (
     TileChoice,
     check_budget,
-    check_overlap,
+    choose_tiles,
     effective_budget,
-    layouts,
     preset_tiles,
 )
 from ..pipeline.runner import DecodeSettings
@@ -114,18 +113,8 @@ def choose_rank_tiles(latent_hw: tuple[int, int], budget_bytes: int | None, worl
     if budget_bytes is None:
         preset = preset_tiles(latent_hw, vae_precision=vae_precision, overlap=overlap, order=order)
         return TileChoice(preset.num_patches, preset.patch_dim, order, estimate(preset.num_patches, "w", order))
-    check_overlap(overlap)
-    ranked = []
-    for rank, tile_order in enumerate(("frame", "tile") if order == "frame" else ("tile",)):
-        for patches, dim in layouts(latent_hw, overlap):
-            choice = TileChoice(patches, dim, tile_order, estimate(patches, dim, tile_order))
-            ranked.append(((rank, choice.count, dim == "hw", choice.estimated_bytes), choice))
-    ranked.sort(key=lambda pair: pair[0])
-    for _, choice in ranked:
-        if choice.estimated_bytes <= budget_bytes:
-            return choice
-    smallest = min((choice for _, choice in ranked), key=lambda c: c.estimated_bytes)
-    raise ConfigError(_no_fit_message(latent_hw, budget_bytes, world_size, smallest, vae_precision))
+    return choose_tiles(latent_hw, budget_bytes, vae_precision=vae_precision, overlap=overlap, order=order,
+                        estimate=estimate, world_size=world_size)
 
 
 def _explicit(latent_hw: tuple[int, int], budget_bytes: int | None, world_size: int, num_patches: int | Sequence[int],
@@ -144,21 +133,6 @@ def _explicit(latent_hw: tuple[int, int], budget_bytes: int | None, world_size: 
                     "decode may run out of memory; use more tiles, a bf16 VAE, or num_patches 0 (automatic)",
                     num_patches, fallback / GIB, budget_bytes / GIB)
     return TileChoice(num_patches, patch_dim, "tile", fallback)
-
-
-def _no_fit_message(latent_hw: tuple[int, int], budget: int, world_size: int, smallest: TileChoice,
-                    vae_precision: str) -> str:
-    fixes = ["a bf16 VAE (--vae_dtype bf16, or VAE precision bf16: about half the memory)"] \
-        if PRECISION_BYTES[vae_precision] == 4 else []
-    fixes += ["freeing GPU memory (offload the other models, close other programs using the GPUs)",
-              ("more, smaller tiles than automatic tiling allows: set --num_patches yourself (e.g. a grid with "
-               "--patch_dim hw) with --decode_order tile"),
-              "a smaller resolution"]
-    where = "each process" if world_size > 1 else "the device"
-    return (f"the VAE decode of a {latent_hw[1] * SCALE}x{latent_hw[0] * SCALE} video split over {world_size} "
-            f"process(es) needs at least {smallest.estimated_bytes / GIB:.1f} GiB on {where} beyond the VAE weights "
-            f"({smallest.describe()}), but only {max(budget, 0) / GIB:.1f} GiB is usable (the smallest over the "
-            "ranks, or the decode budget you set). Try " + "; or ".join(fixes))
 
 
 def needs_budget(settings: DecodeSettings) -> bool:

@@ -595,6 +595,20 @@ def decoder_halo(config: VAEConfig) -> int:
     return 2 * band
 
 
+def decoder_cache_elements(config: VAEConfig, latent_hw: tuple[int, int]) -> int:
+    """Elements of the decoder's causal caches once it streams (after a few latent frames) for a latent of
+    ``latent_hw``: exact, counted on the meta device (no memory, no compute). Bytes: times the element size."""
+    with torch.device("meta"):
+        model = WanVAE(config)
+    x = torch.empty(1, config.z_dim, 3, *latent_hw, device="meta")
+    cache = CausalCache()
+    with torch.no_grad():
+        for i in range(3):
+            cache.first_chunk = i == 0
+            model.decoder(x[:, :, i:i + 1], cache)
+    return sum(t.numel() for t in cache.history.values())
+
+
 def patchify(video: torch.Tensor) -> torch.Tensor:
     """[B, 3, F, H, W] -> [B, 12, F, H/2, W/2]; channel c*4 + dx*2 + dy for pixel offset (dy, dx)."""
     batch, channels, frames, height, width = video.shape

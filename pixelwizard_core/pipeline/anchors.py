@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from ..io.latents import load_tensor_file, save_tensor_file
-from .presets import LATENT_CHANNELS, latent_frames
+from .presets import LATENT_CHANNELS, check_size, latent_frames
 
 ANCHOR_KIND = "pixelwizard.anchor"
 HR_LATENT_KIND = "pixelwizard.hr_latent"
@@ -35,6 +35,16 @@ class Anchor:
     cfg: float
     solver: str = "unipc"
     model: str = ""
+
+    @classmethod
+    def from_latent(cls, latent: torch.Tensor, *, model: str, prompt: str = "") -> "Anchor":
+        """An anchor the LR stage did not sample (a native sampler's latent, encoded footage): size and frame
+        count come from ``latent`` [1, 48, T, h, w]; there are no sampling settings; ``model`` says where it
+        came from."""
+        _, _, frames, height, width = latent.shape
+        check_size(width * 16, height * 16)
+        return cls(latent=latent, prompt=prompt, negative_prompt="", seed=0, width=width * 16, height=height * 16,
+                   frames=4 * (frames - 1) + 1, steps=0, shift=0.0, cfg=0.0, solver="", model=model)
 
     def __post_init__(self) -> None:
         expected = (1, LATENT_CHANNELS, latent_frames(self.frames), self.height // 16, self.width // 16)

@@ -33,7 +33,7 @@ tiles, so in frame order more tiles DO help, down to one tile per rank.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -111,53 +111,64 @@ def check_overlap(overlap: object) -> None:
                           f"both axes, got {overlap!r}; give an int, or choose num_patches yourself")
 
 
-def candidates(latent_hw: tuple[int, int], *, vae_precision: str, overlap: int = 3,
-               order: str = "frame") -> list[TileChoice]:
-    """Every allowed choice, most preferred first (see the module docstring)."""
+# (num_patches, patch_dim, order) -> estimated bytes of a decode with those tiles
+Estimate = Callable[[int | tuple[int, int], str, str], int]
+
+
+def candidates(latent_hw: tuple[int, int], *, vae_precision: str, overlap: int = 3, order: str = "frame",
+               estimate: Estimate | None = None) -> list[TileChoice]:
+    """Every allowed choice, most preferred first (see the module docstring). ``estimate``: the memory of
+    one choice; default: one process's decode (``doctor.decode_bytes``)."""
     if order not in ORDERS:
         raise ConfigError(f"order must be one of {ORDERS} (lockstep streaming, or one tile at a time), got {order!r}")
     check_overlap(overlap)
-    height, width = latent_hw[0] * SCALE, latent_hw[1] * SCALE
+    if estimate is None:
+        height, width = latent_hw[0] * SCALE, latent_hw[1] * SCALE
+
+        def estimate(num_patches: int | tuple[int, int], patch_dim: str, tile_order: str) -> int:
+            return decode_bytes(width, height, num_patches=num_patches, overlap=overlap, patch_dim=patch_dim,
+                                order=tile_order, vae_precision=vae_precision)
+
     ranked = []
     for rank, tile_order in enumerate(("frame", "tile") if order == "frame" else ("tile",)):
         for num_patches, patch_dim in layouts(latent_hw, overlap):
-            estimate = decode_bytes(width, height, num_patches=num_patches, overlap=overlap, patch_dim=patch_dim,
-                                    order=tile_order, vae_precision=vae_precision)
-            choice = TileChoice(num_patches, patch_dim, tile_order, estimate)
-            ranked.append(((rank, choice.count, patch_dim == "hw", estimate), choice))
+            choice = TileChoice(num_patches, patch_dim, tile_order, estimate(num_patches, patch_dim, tile_order))
+            ranked.append(((rank, choice.count, patch_dim == "hw", choice.estimated_bytes), choice))
     ranked.sort(key=lambda pair: pair[0])
     return [choice for _, choice in ranked]
 
 
 def choose_tiles(latent_hw: tuple[int, int], budget_bytes: int, *, vae_precision: str, overlap: int = 3,
-                 order: str = "frame") -> TileChoice:
+                 order: str = "frame", estimate: Estimate | None = None, world_size: int = 1) -> TileChoice:
     """The fewest tiles whose estimated decode memory (beyond the VAE weights) is at most ``budget_bytes``.
 
     ``order="frame"`` prefers frame order and falls back to tile order; ``order="tile"`` stays in tile
-    order. Raises ConfigError, with the smallest estimate, when nothing fits.
+    order. ``estimate`` and ``world_size``: for a decode split over processes (the budget is then per
+    process). Raises ConfigError, with the smallest estimate, when nothing fits.
     """
-    options = candidates(latent_hw, vae_precision=vae_precision, overlap=overlap, order=order)
+    options = candidates(latent_hw, vae_precision=vae_precision, overlap=overlap, order=order, estimate=estimate)
     for choice in options:
         if choice.estimated_bytes <= budget_bytes:
             return choice
     smallest = min(options, key=lambda c: c.estimated_bytes)
-    raise ConfigError(_no_fit_message(latent_hw, budget_bytes, smallest, vae_precision, overlap))
+    raise ConfigError(_no_fit_message(latent_hw, budget_bytes, smallest, vae_precision, overlap, world_size))
 
 
 def _no_fit_message(latent_hw: tuple[int, int], budget: int, smallest: TileChoice, vae_precision: str,
-                    overlap: int) -> str:
+                    overlap: int, world_size: int) -> str:
     fixes = []
     if vae_precision == "fp32":
         fixes.append("a bf16 VAE (--vae_dtype bf16, or VAE precision bf16: about half the memory)")
     fixes += ["freeing device memory (offload the other models, close other programs using the GPU)",
               (f"more, smaller tiles than automatic tiling allows (it keeps tiles at least "
-               f"{min_tile(overlap) * SCALE} pixels wide): set num_patches yourself, e.g. a grid with patch_dim "
+               f"{min_tile(overlap) * SCALE} pixels wide): set --num_patches yourself, e.g. a grid with patch_dim "
                "hw in decode order tile"),
               "a smaller resolution"]
-    return (f"the VAE decode of a {latent_hw[1] * SCALE}x{latent_hw[0] * SCALE} video needs at least "
-            f"{smallest.estimated_bytes / GIB:.1f} GiB of device memory beyond the VAE weights "
-            f"({smallest.describe()}), but only {max(budget, 0) / GIB:.1f} GiB is usable. Try "
-            + "; or ".join(fixes))
+    split, where = (f" split over {world_size} processes", "on each process") if world_size > 1 else ("", "of device memory")
+    return (f"the VAE decode of a {latent_hw[1] * SCALE}x{latent_hw[0] * SCALE} video{split} needs at least "
+            f"{smallest.estimated_bytes / GIB:.1f} GiB {where} beyond the VAE weights ({smallest.describe()}), "
+            f"but only {max(budget, 0) / GIB:.1f} GiB is usable (the smallest free memory, or the decode budget "
+            "you set). Try " + "; or ".join(fixes))
 
 
 def preset_tiles(latent_hw: tuple[int, int], *, vae_precision: str = "fp32", overlap: int = 3,

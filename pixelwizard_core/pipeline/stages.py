@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..doctor import dit_activation_bytes
 from ..errors import ConfigError
 from ..models.dit import WanDiT
 from ..models.hr import WanHRDiT
 from ..models.parallel import SequenceParallel
 from ..sampling import flow_schedule
 from .anchors import Anchor
+from .decode_budget import free_device_bytes
 from .loop import PreviewCallback, StepCallback, denoise, make_noise
-from .presets import LATENT_CHANNELS, StageSettings, check_stage, latent_frames
+from .presets import LATENT_CHANNELS, StageSettings, check_size, check_stage, latent_frames
 from .text import TextConditioning
 
 
@@ -25,8 +27,6 @@ def cfg_batch_fits(tokens: int, free_bytes: int | None) -> bool | None:
     (doctor's measured bytes per token) within ``free_bytes``; None when there is no budget (CPU)."""
     if free_bytes is None:
         return None
-    from ..doctor import dit_activation_bytes  # the estimate lives with doctor's other coefficients
-
     return dit_activation_bytes(tokens, batch=2) <= free_bytes
 
 
@@ -38,8 +38,6 @@ def _batch_cfg(choice: bool | None, default: bool, tokens: int, device: torch.de
         return choice
     if sp is not None:
         return default
-    from .decode_budget import free_device_bytes
-
     fits = cfg_batch_fits(tokens, free_device_bytes(device))
     return default if fits is None else fits
 
@@ -132,15 +130,14 @@ def hr_latent(
                    on_preview=on_preview).cpu()
 
 
-def anchor_from_video(vae, frames: torch.Tensor, width: int, height: int, **metadata) -> Anchor:
+def anchor_from_video(vae, frames: torch.Tensor, width: int, height: int, prompt: str = "") -> Anchor:
     """Anchor from existing footage: frames [F, H, W, 3] in 0..1 are cut to the longest 4k+1 prefix,
     resized to ``width`` x ``height`` and encoded with the VAE (normalised latent)."""
+    check_size(width, height)
     if frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise ConfigError(f"expected video frames [F, H, W, 3], got {tuple(frames.shape)}")
     count = (frames.shape[0] - 1) // 4 * 4 + 1
     video = frames[:count].permute(0, 3, 1, 2).float()
     video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     video = (video * 2 - 1).clamp(-1, 1).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
-    latent = vae.encode(video.to(vae.device)).cpu()
-    defaults = dict(prompt="", negative_prompt="", seed=0, steps=0, shift=0.0, cfg=0.0, solver="", model="video")
-    return Anchor(latent=latent, width=width, height=height, frames=count, **{**defaults, **metadata})
+    return Anchor.from_latent(vae.encode(video.to(vae.device)).cpu(), model="video", prompt=prompt)
