@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from ..loading import load_t5_tokenizer
 from ..loading.folders import resolve
 from ..models.parallel import check_degree
 from ..pipeline.anchors import Anchor
+from ..system import peak_rss_bytes
 from ..pipeline.decode_budget import free_device_bytes
 from ..pipeline.handles import PRECISIONS, ModelHandle
 from ..pipeline.handles import load as load_handle
@@ -254,7 +254,7 @@ class Session:
 
     def memory(self) -> dict[str, float]:
         """Peak memory of this process: host resident set (MiB) and, on CUDA, allocated device memory."""
-        info = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        info = {"peak_rss_mib": peak_rss_bytes() / 2**20}
         if self.device.type == "cuda":
             info["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return info

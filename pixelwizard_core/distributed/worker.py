@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import resource
 import shutil
 import signal
 import sys
@@ -119,8 +118,8 @@ def send_parts(channel: Channel, job: int, rank: int, parts: Iterator[object]) -
 
 
 def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    times = os.times()  # portable: user + system CPU time of this process
+    return times.user + times.system
 
 
 def run_job(session: Session, channel: Channel, message: tuple) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..io.video import PngSequenceWriter, VideoWriter
+from ..system import peak_rss_bytes
 from .anchors import Anchor
 from .loop import StepCallback
 from .models import Models
@@ -90,7 +90,7 @@ class PixelWizard:
             if cuda:
                 self.stats.peak_gib[name] = torch.cuda.max_memory_allocated(self.models.device) / 2**30
             else:
-                self.stats.peak_gib[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                self.stats.peak_gib[name] = peak_rss_bytes() / 2**30
 
     def conditioning(self, prompt: str, negative_prompt: str | None = None) -> TextConditioning:
         with self._stage("text"), self.models.use("text") as encoder:
