@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pixelwizard_core.distributed.pool import PoolSpec, parse_devices, shutdown_all
+from pixelwizard_core.distributed.session import BACKENDS
 
 from .types import CATEGORY, PW_POOL
-
-BACKENDS = ["auto", "nccl", "gloo"]
 
 
 class PixelWizardMultiGPU:
@@ -26,7 +25,7 @@ class PixelWizardMultiGPU:
                                 "tooltip": "sequence-parallel degree: 1, or the number of GPUs (must divide 24: 2, 3, 4, 6, 8)"}),
             "dit_fsdp": ("BOOLEAN", {"default": False, "tooltip": "shard the DiT weights over the GPUs (about 10 GB less each)"}),
             "t5_fsdp": ("BOOLEAN", {"default": False, "tooltip": "shard the umT5 text encoder over the GPUs"}),
-            "backend": (BACKENDS, {"default": "auto", "tooltip": "auto: NCCL on CUDA, gloo (CPU processes) otherwise"}),
+            "backend": (list(BACKENDS), {"default": "auto", "tooltip": "auto: NCCL on CUDA, gloo (CPU processes) otherwise"}),
         }, "optional": {
             "timeout_minutes": ("INT", {"default": 0, "min": 0, "max": 1440,
                                         "tooltip": "fail a stage that runs longer than this (0: no limit)"}),

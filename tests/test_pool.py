@@ -17,6 +17,7 @@ import torch
 from test_distributed import BUDGET_LATENT, budget_cases, handles, one_thread, relative_error, write_weights
 
 from pixelwizard_core.distributed.pool import STREAM_AHEAD, JobInterrupted, JobTimeout, WorkerError, WorkerPool
+from pixelwizard_core.distributed.pool_stream import FrameAssembler
 from pixelwizard_core.distributed.tiles import resolve_settings
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline.handles import ModelHandle, load
@@ -129,18 +130,23 @@ def test_each_worker_holds_half_of_the_sharded_blocks(pool, weights, single):
 
 
 def test_only_loopback_listens(pool):
-    """The rendezvous store (in this process) and gloo's sockets (in the workers) listen on 127.0.0.1 only."""
+    """The rendezvous store (in this process) and gloo's sockets (in the workers) listen on 127.0.0.1 only;
+    with the portable transport (a file store, a listener closed once the workers are in) this process
+    listens on nothing."""
     pool.start()
-    store_port = f":{pool._store.port:04X}"
-    store = {a for a in listening_addresses([os.getpid()]) if a.endswith(store_port)}
-    workers = listening_addresses(pool.pids)
-    assert store and workers, (store, workers)
-    addresses = store | workers
+    parent, workers = listening_addresses([os.getpid()]), listening_addresses(pool.pids)
+    if pool._store is None:
+        assert not parent, parent
+    else:
+        store_port = f":{pool._store.port:04X}"
+        assert any(a.endswith(store_port) for a in parent), parent
+    assert workers
     loopback = ("0100007F:", "0000000000000000FFFF00000100007F:")  # 127.0.0.1, as IPv4 and IPv4-mapped IPv6
-    assert all(a.startswith(loopback) for a in addresses), addresses
+    assert all(a.startswith(loopback) for a in parent | workers), parent | workers
 
 
 def test_interrupt_stops_within_a_step_and_the_pool_goes_on(pool, weights, single):
+    pool.start()
     pids = pool.pids
     seen = []
 
@@ -242,7 +248,21 @@ def long_video(weights, long_latent) -> torch.Tensor:
         return tiled_decode(load(weights["vae"], torch.device("cpu")), long_latent, num_patches=3, overlap=1)
 
 
-def test_streamed_decode_equals_the_whole_decode_and_comes_before_the_end(pool, weights, long_latent, long_video):
+@pytest.fixture
+def arrivals(monkeypatch) -> list[tuple[int, int]]:
+    """(latent frame, pieces) of every streamed part the parent has read, in order of arrival."""
+    seen, keep = [], FrameAssembler.keep
+
+    def record(self: FrameAssembler, frame: int, pieces: dict) -> None:
+        seen.append((frame, len(pieces)))
+        keep(self, frame, pieces)
+
+    monkeypatch.setattr(FrameAssembler, "keep", record)
+    return seen
+
+
+def test_streamed_decode_equals_the_whole_decode_and_comes_before_the_end(pool, weights, long_latent, long_video,
+                                                                          arrivals):
     """Chunks of 1 then 4 frames whose concatenation is bit for bit the whole pool decode and the
     one-process tiled decode; the first chunk comes while the workers still work, and they stop
     STREAM_AHEAD latent frames ahead of the consumer (each piece sent and not yet received is a file)."""
@@ -252,9 +272,9 @@ def test_streamed_decode_equals_the_whole_decode_and_comes_before_the_end(pool, 
                                                on_step=lambda d, t: steps.append((d, t)))) as stream:
         chunks.append(next(stream))
         assert steps[-1][0] < total  # a chunk before the workers' last progress
-        sent_ahead = wait_for_files(pool, tiles * STREAM_AHEAD)
+        sent_ahead = wait_for_pieces(pool, arrivals, tiles * STREAM_AHEAD)
         time.sleep(0.3)  # time to run further ahead, if they did not wait for the consumer
-        assert sent_ahead == tiles * STREAM_AHEAD == len(list(pool._folder.glob("t*.bin")))
+        assert sent_ahead == tiles * STREAM_AHEAD == pieces_ahead(pool, arrivals)
         chunks.extend(stream)
     assert [c.shape[2] for c in chunks] == [1] + [4] * (STREAM_FRAMES - 1)
     assert all(c.dtype == torch.float32 and c.shape[-2:] == (128, 256) for c in chunks)
@@ -265,16 +285,22 @@ def test_streamed_decode_equals_the_whole_decode_and_comes_before_the_end(pool, 
     assert torch.equal(pool.decode(weights["vae"], long_latent, DECODE), long_video)
 
 
-def wait_for_files(pool: WorkerPool, count: int, limit_s: float = 20.0) -> int:
-    """How many tensor files the workers have sent and the parent not yet received, once there are
-    ``count`` (or more), or after ``limit_s``."""
+def pieces_ahead(pool: WorkerPool, arrivals: list[tuple[int, int]]) -> int:
+    """Pieces of latent frames after the first that the workers have sent: tensor files not yet received,
+    plus pieces the parent read before the first chunk was complete (a one-tile worker may send its second
+    frame before a two-tile worker has sent its first; the parent reads nothing while the consumer has a chunk)."""
+    return len(list(pool._folder.glob("t*.bin"))) + sum(count for frame, count in arrivals if frame > 0)
+
+
+def wait_for_pieces(pool: WorkerPool, arrivals: list[tuple[int, int]], count: int, limit_s: float = 20.0) -> int:
+    """:func:`pieces_ahead`, once there are ``count`` (or more), or after ``limit_s``."""
     deadline = time.monotonic() + limit_s
-    while (found := len(list(pool._folder.glob("t*.bin")))) < count and time.monotonic() < deadline:
+    while (found := pieces_ahead(pool, arrivals)) < count and time.monotonic() < deadline:
         time.sleep(0.01)
     return found
 
 
-def test_streamed_decode_stops_on_interrupt_and_when_closed(pool, weights, long_latent, long_video):
+def test_streamed_decode_stops_on_interrupt_and_when_closed(pool, weights, long_latent, long_video, arrivals):
     """Interrupt, Cancel polled by the pool, and a consumer that stops early: each stops the workers
     within about a latent frame, leaves no thread or tensor file behind, and the same workers run the
     next job."""
@@ -293,12 +319,13 @@ def test_streamed_decode_stops_on_interrupt_and_when_closed(pool, weights, long_
             taken.append(chunk)
     assert len(taken) == 1 and pool.pids == pids
 
+    arrivals.clear()  # the parts of the jobs above
     stream = pool.decode_stream(weights["vae"], long_latent, DECODE)
     try:
         first = next(stream)
         with pytest.raises(ConfigError, match="still has a streamed decode of this worker pool open"):
             pool.describe()  # would wait for itself forever
-        wait_for_files(pool, 3 * STREAM_AHEAD)  # the workers now wait for the consumer: closing must reach them
+        wait_for_pieces(pool, arrivals, 3 * STREAM_AHEAD)  # the workers wait for the consumer: closing must reach them
     finally:
         stream.close()
     assert torch.equal(first, long_video[:, :, :1])

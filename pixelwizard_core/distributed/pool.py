@@ -13,13 +13,24 @@ process (ComfyUI, or any Python program).
     pool.shutdown()
 
 Workers are separate interpreters (``python -m pixelwizard_core.distributed.worker``), one per GPU with
-NCCL or N CPU processes with gloo. They rendezvous through a TCP store the parent serves on 127.0.0.1 at a
-port the system picks (the listening socket is bound before the store takes it, so there is no race and
-nothing listens on another address); gloo and NCCL are pinned to the loopback interface. They stay alive
-between jobs with their models resident, cached by file identity, so the second prompt loads nothing.
-Models are given as :class:`~pixelwizard_core.pipeline.handles.ModelHandle` or as paths.
+NCCL (where torch has it: Linux CUDA builds) or N CPU processes with gloo. They stay alive between jobs
+with their models resident, cached by file identity, so the second prompt loads nothing. Models are given
+as :class:`~pixelwizard_core.pipeline.handles.ModelHandle` or as paths.
 
-Results come back as CPU tensors (large ones through files in /dev/shm, see :mod:`.transport`).
+How the parent reaches its workers depends on the platform (:mod:`.pool_channel`). On Linux and macOS
+(transport ``pipe``) each worker inherits one end of a private socket pair, and the workers rendezvous
+through a TCP store the parent serves on 127.0.0.1 at a port the system picks (the listening socket is
+bound before the store takes it, so there is no race and nothing listens on another address). On Windows
+(transport ``portable``) each worker connects back to a listener on 127.0.0.1 that authenticates it with a
+random key made for that start (passed in the worker's environment, never its command line), and the
+rendezvous is a file store in the pool's private folder. Set ``PIXELWIZARD_POOL_TRANSPORT=portable`` to use
+the portable transport anywhere (``pipe`` forces the POSIX one; unset or ``auto`` picks by platform). gloo
+and NCCL are pinned to the loopback interface where it is named ``lo`` / ``lo0``.
+
+Results come back as CPU tensors (large ones through files in /dev/shm, or the temporary folder where there
+is none, see :mod:`.transport`). The code is split by concern: :mod:`.pool_processes` (starting, watching and
+stopping the workers), :mod:`.pool_rpc` (jobs, replies, interrupts) and :mod:`.pool_stream` (assembling a
+streamed decode's chunks).
 
 The two decodes mirror the single-process tiled decode's two orders. ``decode`` has each worker decode
 its tiles one after the other, whole (one tile's cache on its GPU at a time), and blends the whole video
@@ -53,60 +64,36 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
-from multiprocessing import Pipe
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from ..errors import ConfigError, PixelWizardError
+from ..errors import ConfigError
 from ..pipeline.anchors import Anchor
 from ..pipeline.handles import ModelHandle
 from ..pipeline.presets import StageSettings, check_stage
 from ..pipeline.runner import DecodeSettings
 from ..pipeline.stages import check_anchor_fits
 from ..pipeline.text import TextConditioning
-from .session import JobInterrupted, ParallelConfig, check_model_degree, resolve_backend
+from .pool_channel import resolve_pool_backend
+from .pool_processes import JobTimeout, LaunchConfig, Processes, WorkerError
+from .pool_rpc import Progress, Replies, Rpc, StopCheck
+from .pool_stream import STREAM_AHEAD as STREAM_AHEAD  # re-exported: callers read it from this module
+from .pool_stream import FrameAssembler, chunk_frames, stream_chunks
+from .session import JobInterrupted, ParallelConfig, check_model_degree
 from .tiles import blend_tiles, needs_budget, plan_for_latent, resolve_settings
-from .transport import discard_files, receive, send, shared_folder
 
 log = logging.getLogger("pixelwizard")
 
-Progress = Callable[[int, int], None]
-StopCheck = Callable[[], bool]
-POLL_S = 0.1
-STOP_GRACE_S = 5.0
-STREAM_AHEAD = 2  # latent frames a streamed decode's workers may send beyond the chunk last yielded
-
 __all__ = ["WorkerPool", "PoolSpec", "WorkerError", "JobTimeout", "JobInterrupted", "acquire", "shutdown_all",
            "parse_devices"]
-
-
-class WorkerError(PixelWizardError, RuntimeError):
-    """A worker failed or died; the pool has been torn down (the next call starts a fresh one)."""
-
-    def __init__(self, message: str, worker_traceback: str = "") -> None:
-        super().__init__(message)
-        self.worker_traceback = worker_traceback
-
-
-class JobTimeout(WorkerError):
-    """A job ran past its time limit; the pool has been torn down."""
 
 
 @dataclass
@@ -123,14 +110,6 @@ class JobReport:
         return sorted({role for info in self.ranks for role in info.get("loaded", [])})
 
 
-@dataclass
-class _Worker:
-    rank: int
-    process: subprocess.Popen
-    conn: Connection
-    pid: int = 0
-
-
 class WorkerPool:
     """N worker processes that run the pipeline's stages together; see the module docstring.
 
@@ -139,7 +118,8 @@ class WorkerPool:
             GPU indices (with gloo: that many CPU processes).
         ulysses: sequence-parallel degree: 1, or the number of workers (must divide the heads: 24).
         dit_fsdp / t5_fsdp: shard the DiTs / the text encoder over the workers (FSDP2, one unit per block).
-        backend: "auto" (NCCL when CUDA is available, else gloo), "nccl" or "gloo" (CPU workers).
+        backend: "auto" (NCCL where torch has it and CUDA is available, else gloo), "nccl" or "gloo" (CPU
+            workers).
         threads: torch threads per worker (default: the machine's cores divided among the workers).
         timeout: default time limit of one call in seconds (None: no limit).
         start_timeout: how long the workers may take to start and join the process group.
@@ -148,7 +128,7 @@ class WorkerPool:
     def __init__(self, devices: int | Sequence[int] = 2, *, ulysses: int = 1, dit_fsdp: bool = False,
                  t5_fsdp: bool = False, backend: str = "auto", threads: int | None = None,
                  timeout: float | None = None, start_timeout: float = 300.0) -> None:
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_pool_backend(backend)
         self.device_ids = _device_ids(devices, self.backend)
         self.world_size = len(self.device_ids)
         self.parallel = ParallelConfig(ulysses, dit_fsdp, t5_fsdp)
@@ -157,14 +137,10 @@ class WorkerPool:
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.last_report: JobReport | None = None
-        self._workers: list[_Worker] = []
-        self._store = self._listener = self._folder = None
-        self._job_ids = itertools.count(1)
-        self._job: int | None = None
-        self._interrupted: int | None = None  # the job interrupt() was last called for
+        self._processes = Processes()
+        self._rpc = Rpc(self._processes)
         self._job_lock = threading.Lock()  # one job at a time
         self._streaming: int | None = None  # the thread whose streamed decode holds the job lock
-        self._send_lock = threading.Lock()  # interrupt() may come from another thread
         _POOLS.add(self)
 
     # --- state -------------------------------------------------------------------------------
@@ -175,11 +151,21 @@ class WorkerPool:
 
     @property
     def alive(self) -> bool:
-        return bool(self._workers) and all(w.process.poll() is None for w in self._workers)
+        return self._processes.alive
 
     @property
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers]
+        return self._processes.pids
+
+    @property
+    def _folder(self) -> Path | None:
+        """The running workers' tensor folder (tests count the files in flight)."""
+        return self._processes.folder
+
+    @property
+    def _store(self) -> object | None:
+        """The rendezvous TCPStore served here (None when stopped, or with the portable transport)."""
+        return self._processes.store
 
     def __repr__(self) -> str:
         where = "cpu" if self.backend == "gloo" else f"cuda:{','.join(map(str, self.device_ids))}"
@@ -263,83 +249,33 @@ class WorkerPool:
         """Start the workers now (jobs do it on demand); a no-op while they are running."""
         if self.alive:
             return
-        if self._workers:
+        if self._processes.workers:
             log.warning("a worker of %r had exited while idle; starting fresh workers", self)
-            self._teardown()
-        if not hasattr(os, "fork"):
-            raise ConfigError("the PixelWizard worker pool needs Linux or macOS (it passes sockets to its workers)")
+            self._processes.teardown()
         started = time.perf_counter()
         try:
-            self._spawn()
+            self._processes.spawn(self._launch_config())
             self._collect(None, "start", None, None, self.start_timeout)
         except BaseException:
-            self._teardown()
+            self._processes.teardown()
             raise
         log.info("%r started in %.1f s", self, time.perf_counter() - started)
 
     def interrupt(self) -> None:
         """Ask the running job to stop after its current step or tile (no-op when idle)."""
-        job = self._job
-        if job is None:
-            return
-        self._interrupted = job  # a streamed decode yields nothing more, even chunks already here
-        for worker in self._workers:
-            try:
-                self._send(worker, ("interrupt", job))
-            except OSError:
-                pass  # a dead worker is reported by the job itself
+        self._rpc.interrupt()
 
     def shutdown(self) -> None:
         """Stop every worker (a later job starts fresh ones)."""
-        if not self._workers:
+        if not self._processes.workers:
             return
-        for worker in self._workers:
-            try:
-                self._send(worker, ("shutdown",))
-            except OSError:
-                pass
-        deadline = time.monotonic() + STOP_GRACE_S
-        for worker in self._workers:
-            try:
-                worker.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        self._teardown()
+        self._processes.shutdown()
         log.info("%r shut down", self)
 
     # --- internals ---------------------------------------------------------------------------
-    def _spawn(self) -> None:
-        self._folder = shared_folder()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(self.world_size)
-        port = self._listener.getsockname()[1]
-        self._store = dist.TCPStore("127.0.0.1", port, self.world_size + 1, is_master=True,
-                                    timeout=timedelta(seconds=self.start_timeout), wait_for_workers=False,
-                                    master_listen_fd=self._listener.fileno())
-        self._listener.detach()  # the store owns the listening socket now and closes it when it goes
-        env = _worker_environment(self.threads)
-        for rank, device_id in enumerate(self.device_ids):
-            parent_end, child_end = Pipe()
-            process = subprocess.Popen([sys.executable, "-m", "pixelwizard_core.distributed.worker",
-                                        str(child_end.fileno())], pass_fds=(child_end.fileno(),), env=env,
-                                       stdin=subprocess.DEVNULL)
-            child_end.close()
-            worker = _Worker(rank, process, parent_end)
-            self._workers.append(worker)
-            self._send(worker, {
-                "rank": rank, "world_size": self.world_size, "backend": self.backend, "port": port,
-                "device": "cpu" if self.backend == "gloo" else f"cuda:{device_id}",
-                "parallel": {"ulysses": self.parallel.ulysses, "dit_fsdp": self.parallel.dit_fsdp,
-                             "t5_fsdp": self.parallel.t5_fsdp},
-                "threads": self.threads, "folder": str(self._folder), "start_timeout": self.start_timeout,
-                "collective_timeout": max(self.start_timeout, self.timeout or 0.0, 1800.0),
-                "log_level": logging.getLogger("pixelwizard").getEffectiveLevel(),
-            })
-
-    def _send(self, worker: _Worker, message: object) -> None:
-        with self._send_lock:
-            send(worker.conn, message, self._folder)
+    def _launch_config(self) -> LaunchConfig:
+        return LaunchConfig(tuple(self.device_ids), self.backend, self.parallel, self.threads, self.start_timeout,
+                            collective_timeout=max(self.start_timeout, self.timeout or 0.0, 1800.0))
 
     @contextlib.contextmanager
     def _exclusive(self, streaming: bool = False) -> Iterator[None]:
@@ -358,15 +294,9 @@ class WorkerPool:
                     self._streaming = None
 
     def _open(self, name: str, kwargs: dict) -> int:
-        """Start the workers if needed and send them job ``name``; its id (also in ``self._job``)."""
+        """Start the workers if needed and send them job ``name``; its id."""
         self.start()
-        job = self._job = next(self._job_ids)
-        for worker in self._workers:
-            try:
-                self._send(worker, ("job", job, name, kwargs))
-            except OSError:  # it died since start() looked
-                self._fail(worker, name, self._exit_description(worker))
-        return job
+        return self._rpc.open(name, kwargs)
 
     def _run(self, name: str, kwargs: dict, **control) -> list:
         """Send one job to every worker; the results in rank order."""
@@ -381,9 +311,14 @@ class WorkerPool:
             job = self._open(name, kwargs)
             results, infos = self._collect(job, name, on_step, should_stop, timeout or self.timeout)
         finally:
-            self._job = None
+            self._rpc.job = None
         self.last_report = JobReport(name, time.perf_counter() - started, infos)
         return results
+
+    def _collect(self, job: int | None, name: str, on_step: Progress | None, should_stop: StopCheck | None,
+                 timeout: float | None) -> tuple[list, list]:
+        """Every worker's reply to ``job`` (None: the start-up 'ready'): see :class:`.pool_rpc.Replies`."""
+        return Replies(self._rpc, job, name, on_step, should_stop, timeout).finish()
 
     def _resolve(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings, control: dict
                  ) -> DecodeSettings:
@@ -409,235 +344,25 @@ class WorkerPool:
                        timeout: float | None = None) -> Iterator[torch.Tensor]:
         """The generator of :meth:`decode_stream`: the job runs while it is iterated."""
         name = "decode_stream"
-        received: dict[int, dict[int, torch.Tensor]] = {}  # latent frame -> tile index -> weighted piece
-
-        def keep(frame: int, pieces: dict[int, torch.Tensor]) -> None:
-            received.setdefault(frame, {}).update(pieces)
-
         control = {"on_step": on_step, "should_stop": should_stop, "timeout": timeout}
         with self._exclusive(streaming=True):
             settings = self._resolve(handle, latent, settings, control)
             if settings.order == "tile":  # no frame-order share fits a worker: whole tiles, cut into chunks
                 video = self._whole_video(handle, latent, settings, control)
-                yield from video.split([1] + [4] * (latent.shape[2] - 1), dim=2)
+                yield from video.split(chunk_frames(latent.shape[2]), dim=2)
                 return
-            plan = plan_for_latent(latent, settings)
-            tiles = len(plan.tiles)
+            assembler = FrameAssembler(plan_for_latent(latent, settings))
             started, replies = time.perf_counter(), None
             try:
                 job = self._open(name, {"handle": handle, "latent": latent, "settings": settings})
-                replies = _Replies(self, job, name, on_step, should_stop, timeout or self.timeout, on_part=keep)
-                self._allow(job, STREAM_AHEAD)
-                for frame in range(latent.shape[2]):
-                    replies.wait_for(lambda: len(received.get(frame, ())) == tiles, f"latent frame {frame}")
-                    chunk = blend_tiles(plan, received.pop(frame))
-                    self._allow(job, frame + 1 + STREAM_AHEAD)
-                    replies.hold()
-                    yield chunk
-                    replies.resume()
-                    del chunk
-                _, infos = replies.finish()
+                replies = Replies(self._rpc, job, name, on_step, should_stop, timeout or self.timeout,
+                                  on_part=assembler.keep)
+                infos = yield from stream_chunks(self._rpc, replies, assembler, job, latent.shape[2])
                 self.last_report = JobReport(name, time.perf_counter() - started, infos)
             finally:
                 if replies is not None and replies.pending:  # the consumer stopped early (or this thread was hit)
-                    self._abandon(replies)
-                self._job = None
-
-    def _allow(self, job: int, limit: int) -> None:
-        """Let the workers send the parts of ``job`` below ``limit`` (a dead worker is reported by polling)."""
-        for worker in self._workers:
-            try:
-                self._send(worker, ("credit", job, limit))
-            except OSError:
-                pass
-
-    def _abandon(self, replies: _Replies) -> None:
-        """Stop a job whose caller went away: interrupt it and read every worker's remaining messages
-        (dropping their parts) until each has stopped, so the pool is ready for the next job. A worker
-        that dies meanwhile tears the pool down; that is logged, not raised (the caller's own exception,
-        if any, is the one that matters)."""
-        replies.resume()
-        replies.on_step = replies.should_stop = replies.on_part = None
-        replies.raised = None
-        self.interrupt()
-        try:
-            replies.finish()
-        except JobInterrupted:
-            pass
-        except WorkerError as error:
-            log.warning("while stopping an abandoned %s: %s", replies.name, error)
-
-    def _collect(self, job: int | None, name: str, on_step: Progress | None, should_stop: StopCheck | None,
-                 timeout: float | None) -> tuple[list, list]:
-        """Every worker's reply to ``job`` (None: the start-up 'ready'): see :class:`_Replies`."""
-        return _Replies(self, job, name, on_step, should_stop, timeout).finish()
-
-    def _call_host(self, callback: Callable[[], object], honour_result: bool) -> BaseException | bool | None:
-        """Run a host callback; an exception from it, or a true result when ``honour_result``
-        (should_stop), interrupts the job."""
-        try:
-            stop = callback()
-        except BaseException as error:  # re-raised once the workers have stopped
-            self.interrupt()
-            return error
-        if honour_result and stop:
-            self.interrupt()
-            return True
-        return None
-
-    def _dead_worker(self) -> _Worker | None:
-        return next((w for w in self._workers if w.process.poll() is not None), None)
-
-    def _fail(self, worker: _Worker, name: str, reason: str, worker_traceback: str = "") -> None:
-        pid = worker.process.pid
-        self._teardown()
-        raise WorkerError(f"worker {worker.rank} (pid {pid}) failed during {name}: {reason}. The worker pool was "
-                          "shut down; the next job starts fresh workers", worker_traceback)
-
-    def _exit_description(self, worker: _Worker) -> str:
-        try:
-            code = worker.process.wait(2.0)
-        except subprocess.TimeoutExpired:
-            return "it closed its connection"
-        if code < 0:
-            name = signal.Signals(-code).name
-            hint = " (the kernel's out-of-memory killer sends it when host memory runs out)" if code == -9 else ""
-            return f"it was killed by {name}{hint}"
-        return f"it exited with code {code}"
-
-    def _teardown(self) -> None:
-        """Stop every worker (SIGTERM, then SIGKILL), reap it, and free the rendezvous and the files."""
-        workers, self._workers = self._workers, []
-        for worker in workers:
-            if worker.process.poll() is None:
-                worker.process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for worker in workers:
-            try:
-                worker.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
-            worker.conn.close()
-        self._store = self._listener = None  # closes the rendezvous' listening socket
-        if self._folder is not None:
-            discard_files(self._folder)
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
-
-
-class _Replies:
-    """The workers' replies to one job (``job`` None: the start-up 'ready'), read as they arrive while
-    watching for deaths, the time limit and stop requests. An exception raised by ``on_step`` or
-    ``should_stop`` (a host's own way to cancel) interrupts the job; :meth:`finish` raises it once every
-    worker has stopped. A streamed job's parts go to ``on_part(index, part)`` as they arrive."""
-
-    def __init__(self, pool: WorkerPool, job: int | None, name: str, on_step: Progress | None,
-                 should_stop: StopCheck | None, timeout: float | None,
-                 on_part: Callable[[int, object], None] | None = None) -> None:
-        self.pool, self.job, self.name, self.timeout = pool, job, name, timeout
-        self.on_step, self.should_stop, self.on_part = on_step, should_stop, on_part
-        self.results, self.infos = [None] * pool.world_size, [{}] * pool.world_size
-        self.progress: dict[int, tuple] = {}
-        self.pending = {w.conn: w for w in pool._workers}
-        self.interrupted: list[str] = []
-        self.raised: BaseException | bool | None = None  # True: should_stop asked; an exception: a callback raised
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self._held: float | None = None
-
-    def poll(self) -> None:
-        """Handle what arrives within ``POLL_S``. A dead worker or the time limit tears the pool down and
-        raises (then nothing is pending any more)."""
-        try:
-            self._poll()
-        except WorkerError:
-            self.pending.clear()
-            raise
-
-    def finish(self) -> tuple[list, list]:
-        """Wait for every worker's reply; the results and reports in rank order."""
-        while self.pending:
-            self.poll()
-        if self.raised is not None and not isinstance(self.raised, bool):
-            raise self.raised
-        if self.interrupted:
-            raise JobInterrupted(f"{self.name} was interrupted ({self.interrupted[0]}); the worker pool is still "
-                                 "running")
-        return self.results, self.infos
-
-    def wait_for(self, ready: Callable[[], bool], what: str) -> None:
-        """Poll until ``ready()``; when a stop was asked or every worker has ended without it, wait for
-        the others to stop and raise why."""
-        self._ask_host()
-        while True:
-            if self.raised is not None or self.pool._interrupted == self.job:
-                self.finish()
-                raise JobInterrupted(f"{self.name} was interrupted; the worker pool is still running")
-            if ready():
-                return
-            if not self.pending:
-                self.finish()
-                raise PixelWizardError(f"the workers ended {self.name} without sending {what}; please report this")
-            self.poll()
-
-    def hold(self) -> None:
-        """The caller has the job's output: its time does not count against the time limit."""
-        self._held = time.monotonic()
-
-    def resume(self) -> None:
-        if self._held is not None and self.deadline is not None:
-            self.deadline += time.monotonic() - self._held
-        self._held = None
-
-    def _ask_host(self) -> None:
-        if self.should_stop is not None and self.raised is None:
-            self.raised = self.pool._call_host(self.should_stop, honour_result=True)
-
-    def _poll(self) -> None:
-        pool = self.pool
-        self._ask_host()
-        for conn in wait(list(self.pending), timeout=POLL_S):
-            worker = self.pending[conn]
-            try:
-                message = receive(conn)
-            except (EOFError, OSError):
-                pool._fail(worker, self.name, pool._exit_description(worker))
-            self._handle(worker, message)
-        for worker in list(self.pending.values()):
-            if worker.process.poll() is not None:
-                pool._fail(worker, self.name, pool._exit_description(worker))
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            pool._teardown()
-            raise JobTimeout(f"{self.name} did not finish within {self.timeout:g} s; the worker pool was shut down "
-                             "(the next job starts fresh workers); allow more time or use more GPUs")
-
-    def _handle(self, worker: _Worker, message: tuple) -> None:
-        kind, pool = message[0], self.pool
-        if kind == "progress" and message[1] == self.job:
-            self.progress[message[2]] = message[3:]
-            if self.on_step is not None and self.raised is None:
-                done, total = (sum(v[i] for v in self.progress.values()) for i in (0, 1))
-                on_step = self.on_step
-                self.raised = pool._call_host(lambda: on_step(done, total), honour_result=False)
-        elif kind == "piece" and message[1] == self.job:
-            if self.on_part is not None:
-                self.on_part(message[3], message[4])
-        elif kind == "ready" and self.job is None:
-            worker.pid = message[2]
-            del self.pending[worker.conn]
-        elif kind in ("done", "interrupted") and message[1] == self.job:
-            if kind == "done":
-                self.results[worker.rank], self.infos[worker.rank] = message[3], message[4]
-            else:
-                self.interrupted.append(message[3])
-            del self.pending[worker.conn]
-        elif kind == "error":
-            log.error("worker %d traceback:\n%s", worker.rank, message[4])
-            dead = pool._dead_worker()
-            if dead is not None:  # the root cause: the others only lost their peer
-                pool._fail(dead, self.name, f"{pool._exit_description(dead)} (then worker {worker.rank}: "
-                                            f"{message[3]})")
-            pool._fail(worker, self.name, message[3], message[4])
+                    self._rpc.abandon(replies)
+                self._rpc.job = None
 
 
 def as_handle(model: ModelHandle | str | Path, role: str) -> ModelHandle:
@@ -660,25 +385,6 @@ def _device_ids(devices: int | Sequence[int], backend: str) -> list[int]:
     if backend == "nccl" and max(ids) >= torch.cuda.device_count():
         raise ConfigError(f"GPU indices {ids} asked for, but {torch.cuda.device_count()} CUDA device(s) are visible")
     return ids
-
-
-def _loopback_interface() -> str | None:
-    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
-def _worker_environment(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = str(threads)
-    loopback = _loopback_interface()
-    if loopback:  # collectives connect over loopback only
-        env["GLOO_SOCKET_IFNAME"] = loopback
-        env["NCCL_SOCKET_IFNAME"] = loopback
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)  # a pool inside a torchrun job must not pick up the outer job's rendezvous
-    return env
 
 
 # --- shared pools ------------------------------------------------------------------------------
@@ -716,7 +422,7 @@ class PoolSpec:
     timeout: float | None = None
 
     def __post_init__(self) -> None:
-        backend = resolve_backend(self.backend)
+        backend = resolve_pool_backend(self.backend)
         ParallelConfig(self.ulysses, self.dit_fsdp, self.t5_fsdp).check(len(_device_ids(self.devices, backend)))
 
     def acquire(self) -> WorkerPool:

@@ -1,9 +1,17 @@
-"""Messages between the pool's parent and its workers: pickled over a private socket pair, tensors by file.
+"""Messages between the pool's parent and its workers: pickled over a private connection, tensors by file.
 
 A tensor bigger than ``INLINE_BYTES`` is written into a file in a private folder on a RAM file system
-(``/dev/shm`` where there is one) and only its name, dtype and shape travel; the receiver maps the file
-and deletes its name at once, so a 10 GB decoded video crosses without being copied through the
-socket. Small tensors travel inline as raw bytes (never through torch's own pickling).
+(``/dev/shm`` where there is one, else the temporary folder) and only its name, dtype and shape travel, so
+a 10 GB decoded video crosses without being copied through the socket. With the default ``pipe``
+transport the receiver maps the file and deletes its name at once (the mapping stays valid). Where a file
+cannot be deleted while it is open or mapped (Windows), and whenever the ``portable`` transport is chosen,
+nothing is mapped: the sender writes the file with ordinary writes, and the receiver reads it into memory,
+closes it and only then deletes it (one more copy than mapping, and the file is on disk where there is no
+RAM file system). Small tensors travel inline as raw bytes (never through torch's own pickling).
+
+The transport (see :mod:`.pool_channel` for the control connection it also selects) is ``pipe`` on Linux
+and macOS and ``portable`` on Windows; the environment variable ``PIXELWIZARD_POOL_TRANSPORT=portable``
+forces the portable one anywhere (``pipe`` forces the POSIX one, ``auto`` or unset picks by platform).
 
 Only our own processes are at the other end of the socket, but unpickling still only resolves classes
 from torch, pixelwizard_core, pathlib and collections: a message can carry tensors, settings objects and
@@ -16,16 +24,35 @@ import io
 import itertools
 import os
 import pickle
+import sys
 import tempfile
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
+
 INLINE_BYTES = 1 << 16
 _ALLOWED_MODULES = ("torch", "pixelwizard_core", "pathlib", "collections")
 _ALLOWED_BUILTINS = {"slice", "complex", "set", "frozenset", "range", "bytearray"}
 _counter = itertools.count()
+TRANSPORT_ENV = "PIXELWIZARD_POOL_TRANSPORT"
+TRANSPORTS = ("auto", "pipe", "portable")
+
+
+def transport_mode() -> str:
+    """"pipe" (inherited socket pair, mapped tensor files: Linux, macOS) or "portable" (loopback socket,
+    tensor files read then deleted: Windows, or forced by ``PIXELWIZARD_POOL_TRANSPORT``)."""
+    wanted = os.environ.get(TRANSPORT_ENV, "").strip().lower() or "auto"
+    if wanted not in TRANSPORTS:
+        raise ConfigError(f"{TRANSPORT_ENV}={wanted!r}: use one of {', '.join(TRANSPORTS)}")
+    if wanted == "auto":
+        return "portable" if sys.platform == "win32" else "pipe"
+    if wanted == "pipe" and sys.platform == "win32":
+        raise ConfigError(f"{TRANSPORT_ENV}=pipe needs inherited file descriptors, which Windows lacks; "
+                          "unset it or use 'portable'")
+    return wanted
 
 
 def shared_folder(prefix: str = "pixelwizard-pool-") -> Path:
@@ -35,10 +62,14 @@ def shared_folder(prefix: str = "pixelwizard-pool-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 
+def _maps_files(mode: str | None) -> bool:
+    return (mode or transport_mode()) == "pipe"
+
+
 class _Pickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, folder: Path) -> None:
+    def __init__(self, file: io.BytesIO, folder: Path, map_files: bool) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.folder = folder
+        self.folder, self.map_files = folder, map_files
 
     def persistent_id(self, obj: object) -> tuple | None:
         if not isinstance(obj, torch.Tensor):
@@ -51,11 +82,19 @@ class _Pickler(pickle.Pickler):
         if flat.numel() * flat.element_size() <= INLINE_BYTES:
             return ("inline", flat.view(torch.uint8).numpy().tobytes(), dtype, shape)
         path = self.folder / f"t{os.getpid()}-{next(_counter)}.bin"
-        torch.from_file(str(path), shared=True, size=flat.numel(), dtype=flat.dtype).copy_(flat)
+        if self.map_files:
+            torch.from_file(str(path), shared=True, size=flat.numel(), dtype=flat.dtype).copy_(flat)
+        else:  # plain writes: no mapping whose lifetime could keep the file from being deleted
+            with open(path, "wb") as file:
+                file.write(_bytes_of(flat))
         return ("file", str(path), dtype, shape)
 
 
 class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, map_files: bool) -> None:
+        super().__init__(file)
+        self.map_files = map_files
+
     def persistent_load(self, pid: tuple) -> torch.Tensor:
         kind, data, dtype_name, shape = pid
         dtype = getattr(torch, dtype_name)
@@ -71,9 +110,12 @@ class _Unpickler(pickle.Unpickler):
         for size in shape:
             numel *= size
         try:
-            tensor = torch.from_file(data, shared=True, size=numel, dtype=dtype)
+            if self.map_files:
+                tensor = torch.from_file(data, shared=True, size=numel, dtype=dtype)
+            else:
+                tensor = _read_file(data, numel, dtype)
         finally:
-            os.unlink(data)  # the mapping stays valid; the memory goes when the tensor does
+            os.unlink(data)  # mapped: the mapping stays valid and the memory goes with the tensor
         return tensor.view(shape)
 
     def find_class(self, module: str, name: str) -> object:
@@ -82,18 +124,42 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a pool message may not reference {module}.{name}")
 
 
-def send(conn: Connection, message: object, folder: Path) -> None:
+def _bytes_of(flat: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous 1-D tensor, without a copy."""
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _read_file(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor in file ``path``, read into memory (the file is closed when this returns)."""
+    tensor = torch.empty(numel, dtype=dtype)
+    target, done = _bytes_of(tensor), 0
+    with open(path, "rb", buffering=0) as file:
+        while done < len(target):
+            count = file.readinto(target[done:])
+            if not count:
+                raise pickle.UnpicklingError(f"tensor file {path} ended after {done} of {len(target)} bytes")
+            done += count
+    return tensor
+
+
+def send(conn: Connection, message: object, folder: Path, mode: str | None = None) -> None:
+    """Send ``message``, its large tensors as files in ``folder``; ``mode`` is the transport (None: this
+    process's, :func:`transport_mode`)."""
     buffer = io.BytesIO()
-    _Pickler(buffer, folder).dump(message)
+    _Pickler(buffer, folder, _maps_files(mode)).dump(message)
     conn.send_bytes(buffer.getbuffer())
 
 
-def receive(conn: Connection) -> object:
-    """The next message (raises EOFError when the other end is gone)."""
-    return _Unpickler(io.BytesIO(conn.recv_bytes())).load()
+def receive(conn: Connection, mode: str | None = None) -> object:
+    """The next message (raises EOFError when the other end is gone); ``mode`` as for :func:`send`."""
+    return _Unpickler(io.BytesIO(conn.recv_bytes()), _maps_files(mode)).load()
 
 
 def discard_files(folder: Path) -> None:
-    """Remove tensor files that were sent but never received (a dead receiver)."""
+    """Remove tensor files that were sent but never received (a dead receiver); one still open elsewhere
+    (Windows refuses to delete it) is left for the caller's removal of the folder."""
     for path in folder.glob("t*.bin"):
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass

@@ -1,14 +1,18 @@
-"""A worker process of the pool: ``python -m pixelwizard_core.distributed.worker FD``.
+"""A worker process of the pool: ``python -m pixelwizard_core.distributed.worker FD`` (POSIX) or
+``... worker --connect 127.0.0.1:PORT --rank N`` (Windows, or the forced portable transport).
 
-FD is this end of a private socket pair to the parent. The first message is the setup (rank, world
-size, device, backend, rendezvous port, parallel options); the worker joins the process group over the
-parent's TCP store on 127.0.0.1, says ``ready``, then runs jobs until told to shut down.
+FD is this end of a private socket pair to the parent; with ``--connect`` the worker connects back to the
+parent's loopback listener and authenticates with the key in ``PIXELWIZARD_POOL_KEY`` (see
+:mod:`.pool_channel`). The first message is the setup (rank, world size, device, backend, rendezvous,
+parallel options); the worker joins the process group (over the parent's TCP store on 127.0.0.1, or a file
+store in the pool's folder), says ``ready``, then runs jobs until told to shut down.
 
 A reader thread receives everything the parent sends: jobs go to the main thread, interrupts and
 credits are recorded at once (the running job checks interrupts after every step and tile).
 
-When the parent disappears the socket closes and the worker exits by itself, so it never outlives the
-ComfyUI / CLI process.
+When the parent disappears the connection closes and the worker exits by itself, so it never outlives
+the ComfyUI / CLI process. Console interrupts (Ctrl-C, and Ctrl-Break on Windows) are the parent's to
+handle: the worker ignores them and is stopped by its parent.
 
 A streamed job (``decode_stream``) sends its result in parts as it goes: ``("piece", job, rank, index,
 part)`` for part 0, 1, ... (a latent frame's weighted tile pieces), then ``done`` with no result. The
@@ -33,13 +37,13 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .pool_channel import connect_to_parent, join_rendezvous
 from .session import JobInterrupted, ParallelConfig, Session, init_process_group
 from .transport import receive, send
 
@@ -48,6 +52,7 @@ log = logging.getLogger("pixelwizard")
 JOBS = ("encode_text", "lr_anchor", "hr_latent", "decode_budget", "decode_tiles", "decode_stream", "describe")
 STREAMED = ("decode_stream",)  # their job method returns an iterator of parts, sent one by one
 CREDIT_POLL_S = 0.5
+CONSOLE_SIGNALS = ("SIGINT", "SIGBREAK")  # sent to the whole console group; SIGBREAK exists on Windows only
 
 
 class Channel:
@@ -151,16 +156,22 @@ def run_job(session: Session, channel: Channel, message: tuple) -> None:
 
 
 def _join(setup: dict, device: torch.device) -> Session:
-    store = dist.TCPStore("127.0.0.1", setup["port"], setup["world_size"], is_master=False,
-                          timeout=timedelta(seconds=setup["start_timeout"]))
+    store = join_rendezvous(setup["rendezvous"], setup["world_size"], setup["start_timeout"])
     init_process_group(setup["backend"], rank=setup["rank"], world_size=setup["world_size"], store=store,
                        device=device, timeout_s=setup["collective_timeout"])
     return Session(ParallelConfig(**setup["parallel"]), device=device)
 
 
+def _ignore_console_interrupts() -> None:
+    """Ctrl-C (and Ctrl-Break) reach every process of the console; the parent handles them and stops us."""
+    for name in CONSOLE_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
-    conn = Connection(int(argv[0]))
+    _ignore_console_interrupts()
+    conn = connect_to_parent(argv)
     setup = receive(conn)
     logging.basicConfig(level=setup["log_level"], stream=sys.stderr,
                         format=f"[pixelwizard worker {setup['rank']}] %(message)s")
