@@ -1,4 +1,4 @@
-"""Measure the coefficients of the peak-memory estimate (pixelwizard_core/doctor.py) on CPU.
+"""Measure the coefficients of the peak-memory estimate (pixelwizard_core/pipeline/memory.py) on CPU.
 
 Each case runs in a fresh subprocess with glibc told to mmap every allocation above 64 KiB
 (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave the resident set at once and the kernel's
@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pixelwizard_core.models import vae as vae_module  # noqa: E402
+from pixelwizard_core.models import vae_split_ops  # noqa: E402
 from pixelwizard_core.models.dit import DiTConfig  # noqa: E402
 from pixelwizard_core.models.hr import WanHRDiT  # noqa: E402
 from pixelwizard_core.models.t5 import T5Config, UMT5Encoder  # noqa: E402
@@ -121,7 +121,7 @@ def case_vae(sizes: list[tuple[int, int]], dtype: str, target: tuple[int, int]) 
     model.to(dtype_).eval()
     out = {}
     for i, (h, w) in enumerate([sizes[0], *sizes]):
-        vae_module.MAX_OP_ELEMENTS = max(1, int(2**30 * (h * w) / (target[0] * target[1])))
+        vae_split_ops.MAX_OP_ELEMENTS = max(1, int(2**30 * (h * w) / (target[0] * target[1])))
         latent = torch.randn(1, 48, 3, h, w)
 
         def run() -> None:

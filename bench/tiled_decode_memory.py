@@ -34,9 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from peak_memory import peak_extra_rss  # noqa: E402
 from pixelwizard_core.io import frames_to_uint8  # noqa: E402
-from pixelwizard_core.models import vae as vae_module  # noqa: E402
+from pixelwizard_core.models import vae_split_ops  # noqa: E402
 from pixelwizard_core.models.vae import VAEConfig, WanVAE, decoder_cache_elements  # noqa: E402
-from pixelwizard_core.pipeline.tiled_decode import blend_plan, plan_tiles, tiled_decode_stream  # noqa: E402
+from pixelwizard_core.pipeline.tile_plan import plan_tiles  # noqa: E402
+from pixelwizard_core.pipeline.tiled_decode import blend_plan, tiled_decode_stream  # noqa: E402
 
 CASES = {
     "untiled `vae.decode` (whole video returned)": "untiled",
@@ -127,7 +128,7 @@ def main() -> None:
     pixels = f"{width * 16}x{height * 16}, {4 * (frames - 1) + 1} frames"
     video_mib = 3 * (4 * (frames - 1) + 1) * height * width * 256 * 4 / 2**20
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads available, torch {torch.__version__}, "
-          f"MAX_OP_ELEMENTS {vae_module.MAX_OP_ELEMENTS}")
+          f"MAX_OP_ELEMENTS {vae_split_ops.MAX_OP_ELEMENTS}")
     print(f"VAE dec_dim {args.dec_dim}, latent {args.latent} -> {pixels}; float32 video {video_mib:.0f} MiB; "
           f"{args.patches} tiles along width, overlap {args.overlap}\n")
     print("| method | peak extra RssAnon | vs untiled decode | time (noisy) |\n|---|---|---|---|")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from conftest import FIXTURES, manifest, meta_shapes
 from safetensors import safe_open
 
-import pixelwizard_core.models.vae as vae
+import pixelwizard_core.models.vae_split_ops as split_ops
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.models.vae import (
     LATENT_MEAN,
@@ -22,6 +23,7 @@ from pixelwizard_core.models.vae import (
     denormalize_latent,
     normalize_latent,
 )
+from pixelwizard_core.models.vae_network import patchify, unpatchify
 
 TINY = VAEConfig.tiny()
 
@@ -129,6 +131,15 @@ def test_normalisation_uses_the_stored_reciprocal(generator):
         normalize_latent(torch.zeros(1, 16, 1, 2, 2))
 
 
+def test_patchify_channel_order_and_inverse(generator):
+    video = torch.randn(2, 3, 5, 4, 6, generator=generator)
+    x = patchify(video)
+    assert x.shape == (2, 12, 5, 2, 3)
+    for c, dy, dx in itertools.product(range(3), range(2), range(2)):
+        assert torch.equal(x[:, c * 4 + dx * 2 + dy], video[:, c, :, dy::2, dx::2])
+    assert torch.equal(unpatchify(x), video)
+
+
 # ---------------------------------------------------------------------------------------------- API
 
 
@@ -219,7 +230,7 @@ def test_split_ops_equal_unsplit(monkeypatch, op_sizes, generator, dtype, tolera
     unsplit_calls, unsplit_largest = len(op_sizes), max(max(i, o) for _, i, o in op_sizes)
     op_sizes.clear()
 
-    monkeypatch.setattr(vae, "MAX_OP_ELEMENTS", limit)
+    monkeypatch.setattr(split_ops, "MAX_OP_ELEMENTS", limit)
     split_decoded, split_encoded = model.decode(latent), model.encode(video)
     assert unsplit_largest > 5 * limit
     assert len(op_sizes) > 3 * unsplit_calls
@@ -238,14 +249,14 @@ def test_real_sizes_respect_the_limit_on_meta(op_sizes):
         op_sizes.clear()
         frames = [c.shape[2] for c in model.decode_stream(torch.empty(1, 48, 3, height, width, device="meta"))]
         assert frames == [1, 4, 4]
-        assert max(max(i, o) for _, i, o in op_sizes) <= vae.MAX_OP_ELEMENTS < 2**31 - 1
+        assert max(max(i, o) for _, i, o in op_sizes) <= split_ops.MAX_OP_ELEMENTS < 2**31 - 1
     op_sizes.clear()
     assert model.encode(torch.empty(1, 3, 9, 2144, 3840, device="meta")).shape == (1, 48, 3, 134, 240)
-    assert max(max(i, o) for _, i, o in op_sizes) <= vae.MAX_OP_ELEMENTS
+    assert max(max(i, o) for _, i, o in op_sizes) <= split_ops.MAX_OP_ELEMENTS
 
 
 def test_unsplit_real_sizes_would_exceed_int32(monkeypatch, op_sizes):
-    monkeypatch.setattr(vae, "MAX_OP_ELEMENTS", 2**62)
+    monkeypatch.setattr(split_ops, "MAX_OP_ELEMENTS", 2**62)
     with torch.device("meta"):
         model = WanVAE()
     list(model.decode_stream(torch.empty(1, 48, 2, 90, 160, device="meta")))
