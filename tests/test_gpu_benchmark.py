@@ -1,9 +1,11 @@
-"""bench/gpu_benchmark.py in its ``--small`` CPU mode (the GPU run itself needs a GPU).
+"""bench/gpu_benchmark.py (the entry point of the package bench/gpu) in its ``--small`` CPU mode (the GPU
+run itself needs a GPU).
 
 One run of the script as a subprocess (each memory mode in its own process, ~35 s on 2 cores) feeds the
 checks: every stage of every mode measured with positive figures, the emulated device memory ordered as
-the placement modes say it must be, and the decode's causal caches close to their exact count. The report
-formatting and the FLOP count are checked without running anything.
+the placement modes say it must be, the decode's causal caches close to their exact count, and the report
+written beside the JSON and reproduced by ``--render``. The report formatting, the FLOP count and the
+harness's timing helpers are checked without running anything.
 """
 
 from __future__ import annotations
@@ -17,21 +19,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_benchmark.py"
-sys.path.insert(0, str(SCRIPT.parent))
+sys.path.insert(0, str(SCRIPT.parent))  # as the script does: its folder holds the package ``gpu``
 
-import gpu_benchmark  # noqa: E402
+from gpu.flops import dit_forward_flops  # noqa: E402
+from gpu.harness import intervals, steady  # noqa: E402
+from gpu.report import render  # noqa: E402
+
+from pixelwizard_core.models.dit import DiTConfig  # noqa: E402
 
 MODES = {"gpu", "offload", "block_swap_1", "block_swap_2"}
 SIZES = ("2k", "4k")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
     out = tmp_path_factory.mktemp("gpu_benchmark") / "bench.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--small", "--device", "cpu", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(out.read_text()), done.stdout
+    return json.loads(out.read_text()), done.stdout, out
 
 
 def _ok(record: dict) -> dict:
@@ -39,8 +45,8 @@ def _ok(record: dict) -> dict:
     return record
 
 
-def test_every_mode_and_stage_is_measured(run: tuple[dict, str]) -> None:
-    data, _ = run
+def test_every_mode_and_stage_is_measured(run: tuple[dict, str, Path]) -> None:
+    data, _, _ = run
     results = data["results"]
     assert set(results) == MODES
     for key, node in results.items():
@@ -68,7 +74,7 @@ def test_every_mode_and_stage_is_measured(run: tuple[dict, str]) -> None:
         assert node["hr"]["2k"]["tokens"] < node["hr"]["4k"]["tokens"]
 
 
-def test_offload_keeps_less_on_the_device_than_gpu_mode(run: tuple[dict, str]) -> None:
+def test_offload_keeps_less_on_the_device_than_gpu_mode(run: tuple[dict, str, Path]) -> None:
     results = run[0]["results"]
     gpu, offload = results["gpu"]["hr"]["2k"], results["offload"]["hr"]["2k"]
     # gpu mode holds all four models during the HR stage, offload only the HR DiT
@@ -82,7 +88,7 @@ def test_offload_keeps_less_on_the_device_than_gpu_mode(run: tuple[dict, str]) -
                              - results["offload"]["text"]["model_bytes_on_device"])
 
 
-def test_decode_caches_are_close_to_their_exact_count(run: tuple[dict, str]) -> None:
+def test_decode_caches_are_close_to_their_exact_count(run: tuple[dict, str, Path]) -> None:
     for key in ("gpu", "offload"):
         for size in SIZES:
             decode = run[0]["results"][key]["decode"][size]["frame"]
@@ -93,8 +99,8 @@ def test_decode_caches_are_close_to_their_exact_count(run: tuple[dict, str]) -> 
             assert tile["cache_expected_bytes"] < decode["cache_expected_bytes"]
 
 
-def test_report_has_the_tables_and_environment(run: tuple[dict, str]) -> None:
-    data, stdout = run
+def test_report_has_the_tables_and_environment(run: tuple[dict, str, Path]) -> None:
+    data, stdout, _ = run
     assert "## Memory by stage (MiB)" in stdout and "## Time" in stdout and "## One generate" in stdout
     for key in MODES:
         assert f"| {key} | hr | 2k |" in stdout
@@ -107,7 +113,7 @@ def test_out_of_memory_is_reported_with_its_size() -> None:
     record = {"status": "oom", "oom_allocated_bytes": 70 * 2**30, "oom_requested": "2.50 GiB", "weights_bytes": 5}
     data = {"results": {"gpu": {"mode": {"name": "gpu"}, "decode": {"4k": {"frame": record}},
                                 "hr": {"4k": {"status": "skipped", "reason": "time budget"}}}}}
-    text = gpu_benchmark.render(data)
+    text = render(data)
     assert "| gpu | decode | 4k frame |" in text and "OOM at 70.00 GiB (+2.50 GiB)" in text
     assert "skipped: time budget" in text
 
@@ -115,8 +121,24 @@ def test_out_of_memory_is_reported_with_its_size() -> None:
 def test_flop_count_matches_the_architecture_note() -> None:
     # wan22_arch.md §7.1: one forward of the 5B DiT at 2560x1440, 121 frames (111,600 tokens) is 5.6e15 FLOPs,
     # 82% of it self-attention; at 448x256 (3,472 tokens) 3.6e13
-    config = gpu_benchmark.DiTConfig()
-    assert abs(gpu_benchmark.dit_forward_flops(config, 111_600) / 5.6e15 - 1) < 0.03
-    assert abs(gpu_benchmark.dit_forward_flops(config, 3_472) / 3.6e13 - 1) < 0.05
+    config = DiTConfig()
+    assert abs(dit_forward_flops(config, 111_600) / 5.6e15 - 1) < 0.03
+    assert abs(dit_forward_flops(config, 3_472) / 3.6e13 - 1) < 0.05
     attention = 30 * 4 * 111_600**2 * 3072
-    assert 0.80 < attention / gpu_benchmark.dit_forward_flops(config, 111_600) < 0.84
+    assert 0.80 < attention / dit_forward_flops(config, 111_600) < 0.84
+
+
+def test_report_file_and_render_reproduce_stdout(run: tuple[dict, str, Path]) -> None:
+    # the tables printed, the X.md beside the JSON and --render of that JSON are one report
+    data, stdout, out = run
+    assert out.with_suffix(".md").read_text() == stdout
+    done = subprocess.run([sys.executable, str(SCRIPT), "--render", str(out)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == stdout == render(data) + "\n"
+
+
+def test_step_times_are_intervals_and_the_steady_one_skips_the_warm_up() -> None:
+    assert intervals(10.0, [11.0, 13.5, 14.0]) == [1.0, 2.5, 0.5]
+    assert steady([9.0, 1.0, 3.0, 2.0]) == 2.0  # the first (warm-up) step is left out
+    assert steady([4.0]) == 4.0  # a single step is its own timing
