@@ -47,7 +47,7 @@ export function effectiveSize(preset, width, height) {
 
 // ---------------------------------------------------------------------------------------- memory
 // A mirror of pixelwizard_core/doctor.py (see the header): weights of each model as the loader places them,
-// plus the measured activations of one DiT forward. Keep the numbers identical to doctor's.
+// plus the measured activations of one DiT forward. Keep the numbers identical to pixelwizard_core/pipeline/memory.py.
 export const GIB = 2 ** 30;
 export const MEMORY = Object.freeze({
   DIT_PARAMS: 4_999_787_712,
@@ -98,7 +98,7 @@ export function ditActivationBytes(tokens, batch = 1) {
  * Estimated peak GPU memory (bytes) of the text, anchor and HR stages of one run.
  *
  * `resident` names the models that stay on the GPU between stages (memory mode "gpu"); the others are moved
- * to the CPU when their stage ends ("offload"). All four resident equals doctor's "resident" mode, none its
+ * to the CPU when their stage ends ("offload"). All four resident equals the memory profile "gpu", none its
  * "offload" mode. The LR stage runs both CFG branches in one batch, the HR stage one branch at a time.
  * `swapBlocks`: DiT blocks streamed from the CPU (memory mode "block_swap"), for both DiTs.
  * The tiled decode is left out: with the reference's tiles it needs less than the HR stage.

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from pixelwizard_core.errors import ConfigError
-from pixelwizard_core.pipeline import handles
 from pixelwizard_core.pipeline.anchors import Anchor
 from pixelwizard_core.pipeline.jobs import output_path
 from pixelwizard_core.pipeline.presets import LR_DEFAULTS, StageSettings
 from pixelwizard_core.pipeline.stages import anchor_from_video, lr_anchor
+from pixelwizard_core.sampling import solver_choices
 
 from . import host
 from .types import (
@@ -27,7 +27,6 @@ from .types import (
 )
 
 ANCHOR_FOLDER = Path("pixelwizard") / "anchors"
-SOLVERS = ["unipc", "euler"]
 
 
 def to_image(video: torch.Tensor) -> torch.Tensor:
@@ -58,7 +57,7 @@ class PixelWizardAnchorSampler:
                 "cfg": ("FLOAT", {"default": d.cfg, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "guidance scale; 1 skips the negative pass"}),
                 "seed": ("INT", {"default": 100, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
                                  "tooltip": "the reference uses base_seed + 100 for the first prompt"}),
-                "solver": (SOLVERS, {"default": "unipc", "tooltip": "unipc as the reference; euler for comparison"}),
+                "solver": (list(solver_choices(hr=False)), {"default": "unipc", "tooltip": "unipc as the reference; euler for comparison"}),
             },
             "optional": {"lr_model": (PW_STAGE_MODEL, {"tooltip": "PixelWizard lr/model.pt; default: the Wan2.2 base DiT"}),
                          **pool_input("anchor stage")},
@@ -73,7 +72,7 @@ class PixelWizardAnchorSampler:
             anchor = pool.acquire().lr_anchor(handle, conditioning, settings, seed, **host.pool_control("anchor"))
         else:
             progress = host.progress("anchor", previews=True)
-            with handles.opened(handle, host.device()) as dit:
+            with host.opened(handle) as dit:
                 anchor = lr_anchor(dit, conditioning, settings, seed, model_id=handle.identity, on_step=progress,
                                    on_preview=progress.preview)
             host.free_memory()
@@ -93,7 +92,7 @@ class PixelWizardAnchorPreview:
                              "anchor": (PW_ANCHOR, {"tooltip": "from the anchor sampler or Anchor Load"})}}
 
     def preview(self, wan, anchor):
-        with handles.opened(wan.vae, host.device()) as vae:
+        with host.opened(wan.vae) as vae:
             video = vae.decode(anchor.latent, on_frame=host.progress("anchor preview"))
         return (to_image(video),)
 
@@ -195,5 +194,5 @@ class PixelWizardAnchorFromVideo:
         }}
 
     def encode(self, wan, frames, width, height, prompt):
-        with handles.opened(wan.vae, host.device()) as vae:
+        with host.opened(wan.vae) as vae:
             return (anchor_from_video(vae, frames, width, height, prompt=prompt),)

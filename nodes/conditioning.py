@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pixelwizard_core.pipeline import handles
 from pixelwizard_core.pipeline.presets import WAN_NEGATIVE_PROMPT
 from pixelwizard_core.pipeline.text import TextConditioning
 
@@ -41,7 +40,7 @@ class PixelWizardTextEncode:
         if pool is not None:
             text = pool.acquire().encode_text(wan.text, prompt, negative_prompt, **host.pool_control("text"))
         else:
-            with handles.opened(wan.text, host.device()) as encoder:
+            with host.opened(wan.text) as encoder:
                 text = encoder.conditioning(prompt, negative_prompt).to("cpu")
         if positive is not None:
             text.positive = context_from_native(positive)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from pixelwizard_core.io.video import VideoWriter
-from pixelwizard_core.pipeline import handles
 from pixelwizard_core.pipeline.jobs import output_path
 from pixelwizard_core.pipeline.runner import DecodeSettings
 from pixelwizard_core.pipeline.tiled_decode import tiled_decode_stream
@@ -43,7 +42,7 @@ def _stream(wan, latent: dict, num_patches: int, patch_dim: str, overlap: int, b
         else:
             yield workers.decode(wan.vae, normalised, settings, **control)
         return
-    with handles.opened(wan.vae, host.device()) as vae:
+    with host.opened(wan.vae) as vae:
         yield from tiled_decode_stream(vae, normalised, num_patches=num_patches, patch_dim=patch_dim, overlap=overlap,
                                        blend=blend, order=order, on_step=host.progress("decode"))
     host.free_memory()

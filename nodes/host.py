@@ -7,11 +7,17 @@ interrupt), so the nodes can be imported and tested without the host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PureWindowsPath
 
 import torch
+
+from pixelwizard_core.pipeline.handles import ModelHandle
+from pixelwizard_core.pipeline.store import SHARED_STORE
+from pixelwizard_core.system import resolve_device
 
 log = logging.getLogger("pixelwizard")
 
@@ -37,7 +43,13 @@ def model_files(folder: str) -> list[str]:
     root = _fallback_root() / folder
     if not root.is_dir():
         return []
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def relative_name(name: str) -> Path:
+    """A model name from a combo or a saved workflow as a relative path, whichever separator it was saved
+    with (ComfyUI on Windows lists ``PixelWizard\\2k\\model.pt``)."""
+    return Path(*PureWindowsPath(name).parts)
 
 
 def model_path(folder: str, name: str) -> Path:
@@ -45,7 +57,7 @@ def model_path(folder: str, name: str) -> Path:
     if IN_COMFYUI:
         full = _folder_paths.get_full_path(folder, name)
     else:
-        candidate = _fallback_root() / folder / name
+        candidate = _fallback_root() / folder / relative_name(name)
         full = str(candidate) if candidate.is_file() else None
     if full is None:
         raise FileNotFoundError(f"model file {name!r} is not in the ComfyUI '{folder}' folder; put it there or pick another")
@@ -67,7 +79,15 @@ def input_dir() -> Path:
 def device() -> torch.device:
     if _mm is not None:
         return _mm.get_torch_device()
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device("auto")
+
+
+@contextlib.contextmanager
+def opened(handle: ModelHandle) -> Iterator[object]:
+    """The model of ``handle`` from the model store, on ComfyUI's device for the block, at its home after."""
+    work = device()
+    with SHARED_STORE.use(handle, work, home=handle.home(work)) as model:
+        yield model
 
 
 def check_interrupt() -> None:

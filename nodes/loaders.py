@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pixelwizard_core.pipeline.handles import DEFAULT_SWAP_BLOCKS, MEMORY_MODES, PRECISIONS, ModelHandle
+from pixelwizard_core.models.attention import attention_choices
+from pixelwizard_core.pipeline.handles import DEFAULT_SWAP_BLOCKS, PRECISIONS, ModelHandle
+from pixelwizard_core.pipeline.memory import MEMORY_MODES
 
 from . import host
 from .types import CATEGORY, PW_STAGE_MODEL, PW_WAN, WanModels
 
-ATTENTION = ["auto", "sdpa", "flash"]
 VAE_PRECISIONS = ["fp32", "bf16", "fp16"]
 
 # inputs both loaders share
@@ -15,8 +16,18 @@ MEMORY_MODE_TOOLTIP = ("gpu: keep the model on the GPU; offload: move it to the 
                        "also stream the DiT's last swap_blocks blocks from CPU memory while it runs (small GPUs, same output)")
 SWAP_BLOCKS = ("INT", {"default": 0, "min": 0, "max": 30, "tooltip": f"block_swap only: DiT blocks (of 30) kept in CPU memory, "
                        f"about 0.33 GB each; 0 = {DEFAULT_SWAP_BLOCKS}"})
-ATTENTION_INPUT = (ATTENTION, {"default": "auto", "tooltip": "auto: flash-attn on CUDA when installed, else PyTorch SDPA"})
-MEMORY_MODE_INPUT = (list(MEMORY_MODES), {"default": "gpu", "tooltip": MEMORY_MODE_TOOLTIP})
+ATTENTION_TOOLTIP = "auto: the fastest backend that runs here (flash-attn on CUDA when installed), else PyTorch SDPA"
+
+
+def attention_input() -> tuple:
+    """Combo of the registered attention backends (read when ComfyUI asks, so new ones appear)."""
+    return (list(attention_choices()), {"default": "auto", "tooltip": ATTENTION_TOOLTIP})
+
+
+def memory_mode_input() -> tuple:
+    return (list(MEMORY_MODES.names()), {"default": "gpu", "tooltip": MEMORY_MODE_TOOLTIP})
+
+
 COMPILE = ("BOOLEAN", {"default": False, "tooltip": "torch.compile the DiT blocks: the first sampling step compiles "
                       "(minutes), later steps and runs are faster; not with block_swap"})
 
@@ -43,8 +54,8 @@ class PixelWizardWanLoader:
                 "text_encoder": (host.model_files("text_encoders"), {"tooltip": "umt5_xxl_fp16 or umt5_xxl_fp8_e4m3fn_scaled (models/text_encoders)"}),
                 "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "DiT and text encoder weights; fp8: the DiT's block weights stored in float8 (half of bf16), computed in bf16"}),
                 "vae_precision": (VAE_PRECISIONS, {"default": "fp32", "tooltip": "fp32 as the official pipeline; bf16 halves decode memory"}),
-                "attention": ATTENTION_INPUT,
-                "memory_mode": MEMORY_MODE_INPUT,
+                "attention": attention_input(),
+                "memory_mode": memory_mode_input(),
             },
             "optional": {
                 "official_folder": ("STRING", {"default": "", "tooltip": "path of an official Wan-AI/Wan2.2-TI2V-5B folder; overrides the three files"}),
@@ -83,8 +94,8 @@ class PixelWizardCheckpointLoader:
             "checkpoint": (host.model_files("diffusion_models"), {"tooltip": "e.g. PixelWizard/2k/model.pt"}),
             "stage": (["hr", "lr"], {"default": "hr", "tooltip": "hr: 2k/4k shortcut model; lr: anchor model"}),
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "weights precision (bf16 as the reference)"}),
-            "attention": ATTENTION_INPUT,
-            "memory_mode": MEMORY_MODE_INPUT,
+            "attention": attention_input(),
+            "memory_mode": memory_mode_input(),
         }, "optional": {"swap_blocks": SWAP_BLOCKS, "compile": COMPILE}}
 
     def load(self, checkpoint, stage, precision, attention, memory_mode, swap_blocks=0, compile=False):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pixelwizard_core.errors import ConfigError
-from pixelwizard_core.pipeline import handles
 from pixelwizard_core.pipeline.presets import HR_CFG, HR_PRESETS, StageSettings
 from pixelwizard_core.pipeline.stages import hr_latent
+from pixelwizard_core.sampling import solver_choices
 
 from . import host
 from .types import (
@@ -17,7 +17,12 @@ from .types import (
     to_comfy_latent,
 )
 
-PRESETS = [*HR_PRESETS, "custom"]
+CUSTOM = "custom"
+
+
+def _preset_tooltip() -> str:
+    sizes = "; ".join(f"{name}: {p.width}x{p.height}, shift {p.shift}" for name, p in HR_PRESETS.items())
+    return f"{sizes}; {CUSTOM}: the values below"
 
 
 class PixelWizardHRSampler:
@@ -35,7 +40,7 @@ class PixelWizardHRSampler:
             "hr_model": (PW_STAGE_MODEL, {"tooltip": "PixelWizard 2k/model.pt or 4k/model.pt (stage 'hr')"}),
             "anchor": (PW_ANCHOR, {"tooltip": "fixes layout and motion; its frame count is the video's"}),
             "conditioning": (PW_CONDITIONING, {"tooltip": "from PixelWizard Text Encode"}),
-            "preset": (PRESETS, {"default": "2k", "tooltip": "2k: 2560x1440, shift 5.5; 4k: 3840x2144, shift 5.8; custom: the values below"}),
+            "preset": ([*HR_PRESETS.names(), CUSTOM], {"default": "2k", "tooltip": _preset_tooltip()}),
             "width": ("INT", {"default": two_k.width, "min": 32, "max": 8192, "step": 32, "tooltip": "used with preset 'custom'"}),
             "height": ("INT", {"default": two_k.height, "min": 32, "max": 8192, "step": 32, "tooltip": "used with preset 'custom'"}),
             "steps": ("INT", {"default": two_k.steps, "min": 2, "max": 8, "tooltip": "shortcut steps (4)"}),
@@ -43,20 +48,20 @@ class PixelWizardHRSampler:
             "cfg": ("FLOAT", {"default": HR_CFG, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "guidance (5.0); 1 skips the negative pass"}),
             "seed": ("INT", {"default": 10000, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
                              "tooltip": "the reference uses base_seed + 10000 for the first prompt"}),
-            "solver": (["unipc", "euler", "shortcut"], {"default": "unipc", "tooltip": "unipc as the reference; shortcut is the paper's x + dt*v"}),
+            "solver": (list(solver_choices(hr=True)), {"default": "unipc", "tooltip": "unipc as the reference; shortcut is the paper's x + dt*v"}),
         }, "optional": pool_input("HR stage")}
 
     def sample(self, hr_model, anchor, conditioning, preset, width, height, steps, shift, cfg, seed, solver, pool=None):
         if hr_model.role != "hr":
             raise ConfigError("hr_model is an LR checkpoint; load 2k/model.pt or 4k/model.pt with stage 'hr'")
-        if preset != "custom":
+        if preset != CUSTOM:
             width, height, shift = HR_PRESETS[preset].width, HR_PRESETS[preset].height, HR_PRESETS[preset].shift
         settings = StageSettings(width, height, anchor.frames, steps, shift, cfg, solver)
         if pool is not None:
             latent = pool.acquire().hr_latent(hr_model, anchor, conditioning, settings, seed, **host.pool_control("HR"))
         else:
             progress = host.progress("HR", previews=True)
-            with handles.opened(hr_model, host.device()) as model:
+            with host.opened(hr_model) as model:
                 latent = hr_latent(model, anchor.latent, conditioning, settings, seed, on_step=progress,
                                    on_preview=progress.preview)
             host.free_memory()

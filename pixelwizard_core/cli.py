@@ -23,8 +23,13 @@ from .pipeline.anchors import Anchor, load_hr_latent, save_hr_latent
 from .pipeline.demo import demo_models
 from .pipeline.jobs import PromptJob, output_path, read_prompts
 from .pipeline.models import LOAD_MODES, ModelFiles, Models
-from .pipeline.presets import HR_CFG, LR_DEFAULTS, StageSettings, check_stage, parse_resolution, prompt_seeds
+from .models.attention import attention_choices
+from .pipeline.presets import HR_CFG, HR_PRESETS, LR_DEFAULTS, StageSettings, check_stage, parse_resolution, prompt_seeds
 from .pipeline.runner import DecodeSettings, PixelWizard, StageStats
+from .pipeline.tile_plan import ORDERS, PATCH_DIMS
+from .pipeline.tiled_decode import BLEND_MODES
+from .sampling import solver_choices
+from .system import DEVICE_CHOICES, resolve_device, stop_on_signals, supported_dtype
 
 log = logging.getLogger("pixelwizard")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,7 +54,8 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae_path", help="VAE file (Wan2.2_VAE.pth or wan2.2_vae.safetensors)")
     g.add_argument("--lr_ckpt", help="PixelWizard LR checkpoint (lr/model.pt); default: the base DiT")
     g.add_argument("--hr_ckpt", help="PixelWizard HR checkpoint (2k/model.pt or 4k/model.pt)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="auto", metavar="|".join(DEVICE_CHOICES),
+                   help="auto: a CUDA or ROCm GPU, else Apple MPS, else the CPU")
     g.add_argument("--dtype", choices=DTYPES, default="bf16", help="DiT and text encoder precision")
     g.add_argument("--vae_dtype", choices=DTYPES, default="fp32")
     g.add_argument("--model_load_mode", choices=LOAD_MODES, default="auto")
@@ -59,7 +65,8 @@ def _add_models(p: argparse.ArgumentParser) -> None:
                    help="stream the last N of the LR and HR DiTs' 30 blocks from pinned CPU memory while they run "
                         "(small GPUs; ~0.33 GB of bf16 weights off the GPU per block, same output); the DiTs then "
                         "wait on the CPU between stages. 0 = off")
-    g.add_argument("--attention", choices=("auto", "sdpa", "flash"), default="auto")
+    g.add_argument("--attention", choices=attention_choices(), default="auto",
+                   help="attention backend; auto: the fastest that runs on the device")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the DiTs' blocks (same numerics; the first step compiles, later ones are faster)")
 
@@ -79,16 +86,17 @@ def _add_lr(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_steps", type=int, default=LR_DEFAULTS.steps)
     g.add_argument("--lr_shift", type=float, default=LR_DEFAULTS.shift)
     g.add_argument("--lr_guide_scale", type=float, default=LR_DEFAULTS.cfg)
-    g.add_argument("--sample_solver", choices=("unipc", "euler"), default="unipc")
+    g.add_argument("--sample_solver", choices=solver_choices(hr=False), default="unipc")
 
 
 def _add_hr(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("HR stage")
-    g.add_argument("--resolution", default="2k", help="2k, 4k or WIDTHxHEIGHT (multiples of 32)")
+    g.add_argument("--resolution", default="2k",
+                   help=f"{', '.join(HR_PRESETS)} or WIDTHxHEIGHT (multiples of 32)")
     g.add_argument("--hr_steps", type=int, help="default: the preset's (4)")
     g.add_argument("--hr_shift", type=float, help="default: the preset's (5.5 for 2k, 5.8 for 4k, else 5.5)")
     g.add_argument("--hr_guide_scale", type=float, default=HR_CFG)
-    g.add_argument("--hr_solver", choices=("unipc", "euler", "shortcut"), default="unipc")
+    g.add_argument("--hr_solver", choices=solver_choices(hr=True), default="unipc")
 
 
 def _add_decode(p: argparse.ArgumentParser) -> None:
@@ -98,10 +106,10 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
                    help="decode tiles per split axis; 0 (default) = automatic: the fewest that fit the GPU's free "
                         "memory (then --patch_dim is chosen and --decode_order frame may become tile), or on a "
                         "CPU the reference's (3 at 2K, 4 at 4K, else 1)")
-    g.add_argument("--patch_dim", choices=("w", "h", "hw"), default="w")
+    g.add_argument("--patch_dim", choices=PATCH_DIMS, default="w")
     g.add_argument("--overlap", type=int, default=3, help="latent columns added on each interior tile side")
-    g.add_argument("--blend", choices=("cosine", "reference"), default="cosine")
-    g.add_argument("--decode_order", choices=("frame", "tile"), default="frame",
+    g.add_argument("--blend", choices=BLEND_MODES, default="cosine")
+    g.add_argument("--decode_order", choices=ORDERS, default="frame",
                    help="frame: stream frames to the mp4 (little host memory); tile: one tile at a time "
                         "into a host canvas (least GPU memory, as the reference)")
     g.add_argument("--decode_budget_gib", type=float, default=0.0,
@@ -193,7 +201,9 @@ def make_models(args: argparse.Namespace, *roles: str) -> Models:
                                vae=args.vae_path, lr_ckpt=args.lr_ckpt, hr_ckpt=args.hr_ckpt)
     files.require(*roles)
     files.check_kinds(*roles)
-    return Models(files, device=args.device, dtype=DTYPES[args.dtype], vae_dtype=DTYPES[args.vae_dtype],
+    device = torch.device(args.device)
+    return Models(files, device=device, dtype=supported_dtype(DTYPES[args.dtype], device),
+                  vae_dtype=supported_dtype(DTYPES[args.vae_dtype], device),
                   load_mode=args.model_load_mode, offload=args.offload_model, t5_cpu=args.t5_cpu,
                   attention=args.attention, block_swap=args.block_swap, compile_blocks=args.compile)
 
@@ -328,10 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        code = args.run(args)
+        with stop_on_signals():
+            if args.run in COMMANDS.values():
+                args.device = str(resolve_device(args.device))
+            code = args.run(args)
     except PixelWizardError as error:
         log.error("error: %s", error)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C, Ctrl-Break, SIGTERM, SIGHUP: outputs were aborted on the way out
+        log.error("stopped (%s): unfinished outputs were removed, finished ones kept",
+                  getattr(stop, "signal_name", "SIGINT"))
+        return 130
     return code or 0
 
 

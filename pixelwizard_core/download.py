@@ -1,6 +1,6 @@
 """Fetch the weight files from the Hugging Face Hub into a models folder, resumably, and check each one.
 
-:data:`KNOWN_FILES` is the table of every file PixelWizard knows: its name, hub repository, path in the
+:data:`MODEL_FILES` is the table of every file PixelWizard knows: its name, hub repository, path in the
 repository, URL, ComfyUI ``models`` sub-folder and loader component. The ComfyUI workflows' model links
 (``properties.models``: name, url, directory) come from :meth:`ModelFile.comfy_entry`.
 
@@ -34,7 +34,8 @@ from urllib.parse import urlparse
 
 from .errors import ConfigError, MissingFileError, PixelWizardError
 from .loading import inspect_weights
-from .pipeline.presets import HR_PRESETS
+from .pipeline.presets import HR_PRESETS, preset_for_size
+from .registry import Registry
 
 log = logging.getLogger("pixelwizard")
 
@@ -96,7 +97,7 @@ def _official(key: str, path: str, component: str | None, gigabytes: float | Non
 
 _SHARDS = tuple(f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
 
-KNOWN_FILES: tuple[ModelFile, ...] = (
+_RELEASED_FILES: tuple[ModelFile, ...] = (
     ModelFile("dit", "wan2.2_ti2v_5B_fp16.safetensors", COMFY_WAN22,
               "split_files/diffusion_models/wan2.2_ti2v_5B_fp16.safetensors", "diffusion_models", "dit", 10.0,
               "Wan2.2-TI2V-5B DiT, fp16 (Comfy-Org)"),
@@ -123,18 +124,36 @@ KNOWN_FILES: tuple[ModelFile, ...] = (
     _official("t5", "models_t5_umt5-xxl-enc-bf16.pth", "t5", 11.4, "official umT5-XXL encoder (bf16)"),
     _official("vae", "Wan2.2_VAE.pth", "vae", 2.8, "official Wan2.2 VAE (fp32)"),
 )
-FILES_BY_KEY = {f.key: f for f in KNOWN_FILES}
-FILES_BY_NAME = {f.name: f for f in KNOWN_FILES}  # e.g. a workflow's widget value -> its model link
+# The registry of files, keyed by the short name; an HR preset names its checkpoint's key here
+# (``pipeline.presets.HRPreset.checkpoint``), so a new preset is one entry there plus one here.
+MODEL_FILES: Registry[ModelFile] = Registry("model file")
+for _file in _RELEASED_FILES:
+    MODEL_FILES.register(_file.key, _file)
+FILES_BY_KEY = MODEL_FILES
 
-# Items of the download command and what they expand to.
-GROUPS: dict[str, tuple[str, ...]] = {
-    "wan": ("dit", "vae", "t5_fp16"),
-    "official": tuple(f.key for f in KNOWN_FILES if f.key.startswith("official:")),
-    "lr": ("lr",),
-    "2k": ("2k",),
-    "4k": ("4k",),
-    "all": ("dit", "vae", "t5_fp16", "lr", "2k", "4k"),
-}
+
+def known_files() -> list[ModelFile]:
+    """Every registered file, in table order."""
+    return MODEL_FILES.values()
+
+
+def file_named(name: str) -> ModelFile | None:
+    """The file whose name (e.g. a workflow's widget value) is ``name``."""
+    return next((f for f in MODEL_FILES.values() if f.name == name), None)
+
+
+def groups() -> dict[str, tuple[str, ...]]:
+    """Items of the download command and what they expand to (one per HR preset: its checkpoint)."""
+    presets = {name: (preset.checkpoint,) for name, preset in HR_PRESETS.items()}
+    return {
+        "wan": ("dit", "vae", "t5_fp16"),
+        "official": tuple(f.key for f in known_files() if f.key.startswith("official:")),
+        "lr": ("lr",),
+        **presets,
+        "all": ("dit", "vae", "t5_fp16", "lr", *(keys[0] for keys in presets.values())),
+    }
+
+
 DEFAULT_ITEMS = ("wan", "lr", "2k")
 TEXT_ENCODERS = {"fp16": "t5_fp16", "fp8": "t5_fp8"}
 
@@ -144,19 +163,20 @@ def select(items: Iterable[str] = DEFAULT_ITEMS, *, text_encoder: str = "fp16") 
     if text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"text encoder {text_encoder!r}: choose one of {', '.join(TEXT_ENCODERS)}")
     keys: set[str] = set()
+    item_groups = groups()
     for item in items:
-        if item in GROUPS:
-            keys.update(GROUPS[item])
-        elif item in FILES_BY_KEY or item in FILES_BY_NAME:
-            keys.add(FILES_BY_NAME[item].key if item in FILES_BY_NAME else item)
+        if item in item_groups:
+            keys.update(item_groups[item])
+        elif item in MODEL_FILES or file_named(item) is not None:
+            keys.add(item if item in MODEL_FILES else file_named(item).key)
         else:
             raise ConfigError(
-                f"unknown download item {item!r}: use one of {', '.join(GROUPS)}, a file key "
+                f"unknown download item {item!r}: use one of {', '.join(item_groups)}, a file key "
                 f"({', '.join(k for k in FILES_BY_KEY if not k.startswith('official:'))}) or a file name")
     if text_encoder == "fp8" and "t5_fp16" in keys:
         keys.discard("t5_fp16")
         keys.add("t5_fp8")
-    return [f for f in KNOWN_FILES if f.key in keys]
+    return [f for f in known_files() if f.key in keys]
 
 
 # --- where files live ------------------------------------------------------------------------------
@@ -211,9 +231,8 @@ RUN_ROLES = ("text", "vae", "lr", "hr")
 
 
 def hr_key(width: int, height: int) -> str:
-    """The HR checkpoint for a size: the 4K model above the 2K preset's pixel count."""
-    two_k = HR_PRESETS["2k"]
-    return "4k" if width * height > two_k.width * two_k.height else "2k"
+    """The key of the HR checkpoint for a size: that of the preset for it (:func:`preset_for_size`)."""
+    return preset_for_size(width, height).checkpoint
 
 
 def role_candidates(role: str, width: int, height: int) -> list[str]:

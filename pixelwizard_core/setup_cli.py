@@ -29,7 +29,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
     groups = ", ".join(f"{name} ({' '.join(keys) if name != 'official' else 'the Wan-AI folder'})"
-                       for name, keys in dl.GROUPS.items())
+                       for name, keys in dl.groups().items())
     p = sub.add_parser("download", help="fetch the model files from the Hugging Face Hub",
                        description="Fetch model files from the Hugging Face Hub into a models folder (ComfyUI layout: "
                                    "diffusion_models/, text_encoders/, vae/), resuming interrupted downloads and "
@@ -67,7 +67,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _print_table(root: Path, flat: bool) -> None:
     lines = [f"{'key':<18} {'size':>8}  {'status':<8} destination  <-  url"]
-    for file in dl.KNOWN_FILES:
+    for file in dl.known_files():
         found = dl.locate(file, root)
         size = "?" if file.gigabytes is None else "small" if file.gigabytes < 0.1 else f"{file.gigabytes:.1f} GB"
         status = "present" if found else "missing"

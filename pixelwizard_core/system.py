@@ -135,6 +135,14 @@ def unified_memory(device: torch.device) -> bool:
     return device.type == "mps"
 
 
+def supported_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """``dtype``, or fp16 where the device cannot hold bf16 (MPS before macOS 14), saying so."""
+    if dtype == torch.bfloat16 and device.type == "mps" and not mps_supports_bf16():
+        log.warning("bf16 needs macOS 14 or newer on Apple's MPS; using fp16")
+        return torch.float16
+    return dtype
+
+
 def mps_supports_bf16() -> bool:
     """bf16 on MPS needs macOS 14 (Sonoma) or newer."""
     if not mps_available():

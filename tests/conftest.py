@@ -15,6 +15,22 @@ FIXTURES = TESTS / "fixtures"
 
 torch.set_num_threads(2)
 
+# The fast tier, `python -m pytest -q -m "not slow"`, leaves out what starts processes or runs for seconds:
+# these modules as a whole, and the tests named below (measured with --durations on 2 cores).
+SLOW_MODULES = {"test_pool.py", "test_distributed.py", "test_gpu_benchmark.py", "test_comfyui_integration.py"}
+SLOW_TESTS = {
+    "test_sequence_parallel_hr_forward_equals_single_process",
+    "test_full_graph_on_a_two_process_pool_equals_the_local_graph",
+    "test_compiled_blocks_give_the_same_velocity",
+    "test_stages_apart_equal_generate_in_one_go",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
 
 def manifest(name: str) -> dict:
     """The parsed manifest ``tests/manifests/<name>.json``."""

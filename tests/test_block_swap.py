@@ -15,12 +15,14 @@ import pytest
 import torch
 from tiny_models import _weights, write_pixelwizard
 
+from pixelwizard_core.pipeline import memory
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.models.block_swap import BlockSwap
 from pixelwizard_core.models.dit import DiTConfig, WanDiT
 from pixelwizard_core.models.hr import WanHRDiT
 from pixelwizard_core.models.layers import FP8, store_linears_in_fp8
-from pixelwizard_core.pipeline import handles
+from pixelwizard_core.pipeline.memory import MEMORY_MODES
+from pixelwizard_core.pipeline.store import SHARED_STORE
 from pixelwizard_core.pipeline.handles import DEFAULT_SWAP_BLOCKS, ModelHandle
 from pixelwizard_core.pipeline.models import ModelFiles, Models
 from pixelwizard_core.pipeline.placement import on_device
@@ -238,29 +240,29 @@ def tiny_inputs(hr: bool) -> tuple[tuple, dict]:
 
 
 def test_handles_in_block_swap_mode_run_end_to_end(tiny_files):
-    handles.release_all()
+    SHARED_STORE.release()
     try:
         for role in ("lr", "hr"):
             args, extra = tiny_inputs(role == "hr")
             plain = ModelHandle.for_file(role, tiny_files[role], precision="fp32")
             swapped = ModelHandle.for_file(role, tiny_files[role], precision="fp32", memory_mode="block_swap",
                                            swap_blocks=2)
-            with torch.no_grad(), handles.opened(plain, "cpu") as model:
+            with torch.no_grad(), SHARED_STORE.use(plain, torch.device("cpu"), home=torch.device("cpu")) as model:
                 expected = model(*args, **extra)
-            with torch.no_grad(), handles.opened(swapped, "cpu") as model:
+            with torch.no_grad(), SHARED_STORE.use(swapped, torch.device("cpu"), home=torch.device("cpu")) as model:
                 assert hooks_of(model) > 0  # streaming while open
                 assert torch.equal(model(*args, **extra), expected)
             assert hooks_of(model) == 0
             # 0 means the default, capped at the model's 3 blocks
             default = dataclasses.replace(swapped, swap_blocks=0)
             assert default.blocks_to_swap == DEFAULT_SWAP_BLOCKS and default.swap_for(model) == 3
-            with torch.no_grad(), handles.opened(default, "cpu") as model:
+            with torch.no_grad(), SHARED_STORE.use(default, torch.device("cpu"), home=torch.device("cpu")) as model:
                 assert torch.equal(model(*args, **extra), expected)
             assert swapped.home(torch.device("cpu")) == torch.device("cpu")
             # frozen, hashable, and it survives the trip to a pool worker
             assert pickle.loads(pickle.dumps(swapped)) == swapped and hash(swapped) != hash(plain)
     finally:
-        handles.release_all()
+        SHARED_STORE.release()
 
 
 def test_handle_options_are_checked(tiny_files):
@@ -270,7 +272,7 @@ def test_handle_options_are_checked(tiny_files):
         ModelHandle("lr", str(tiny_files["lr"]), memory_mode="block_swap", swap_blocks=-1)
     with pytest.raises(ConfigError, match="memory mode 'swap'"):
         ModelHandle("lr", str(tiny_files["lr"]), memory_mode="swap")
-    assert set(handles.MEMORY_MODES) == {"gpu", "offload", "block_swap"}
+    assert set(MEMORY_MODES) == {"gpu", "offload", "block_swap"}
     # ignored outside the DiTs and outside block_swap mode (documented): one option set for a whole loader
     assert ModelHandle("vae", "v", memory_mode="block_swap", swap_blocks=5).blocks_to_swap == 0
     assert ModelHandle("lr", "l", memory_mode="offload", swap_blocks=5).blocks_to_swap == 0
@@ -290,7 +292,7 @@ def test_models_of_the_command_line_swap_the_dits(tiny_files):
             assert hooks_of(dit) > 0
             assert torch.equal(dit(*args), expected)
         assert hooks_of(dit) == 0
-        assert ("lr" in models._loaded) == (load_mode == "resident")
+        assert models.holds("lr") == (load_mode == "resident")
     with pytest.raises(ConfigError, match="--block_swap: swap_blocks 4: the model has 3 transformer blocks"):
         Models(files, device="cpu", block_swap=4)
     with pytest.raises(ConfigError, match="--block_swap -2"):
@@ -332,19 +334,19 @@ def test_session_and_torchrun_handles_swap_the_dits(tiny_files):
 def test_doctor_has_a_block_swap_mode():
     from pixelwizard_core import doctor
 
-    lowvram = doctor.estimate_memory(2560, 1440, mode="lowvram")
-    swapped = doctor.estimate_memory(2560, 1440, mode="blockswap")
-    block = doctor.DIT_BLOCK_PARAMS * 2  # bf16
+    lowvram = memory.estimate_memory(2560, 1440, mode="lowvram")
+    swapped = memory.estimate_memory(2560, 1440, mode="block_swap")
+    block = memory.DIT_BLOCK_PARAMS * 2  # bf16
     # ten blocks streamed, two of them in flight on the GPU
     assert lowvram.stages["hr"] - swapped.stages["hr"] == 8 * block
     assert lowvram.stages["anchor"] - swapped.stages["anchor"] == 8 * block
     assert lowvram.stages["decode"] == swapped.stages["decode"]
-    assert doctor.MEMORY_MODES["blockswap"].swap_blocks == DEFAULT_SWAP_BLOCKS
-    assert f"--block_swap {DEFAULT_SWAP_BLOCKS}" in doctor.MEMORY_MODES["blockswap"].flags
+    assert memory.PROFILES["block_swap"].swap_blocks == DEFAULT_SWAP_BLOCKS
+    assert f"--block_swap {DEFAULT_SWAP_BLOCKS}" in memory.PROFILES["block_swap"].flags
     # fp8 blocks are smaller: their Linear weights take one byte
-    fp8 = doctor.block_swap_savings(10, "fp8")
-    assert fp8 == 8 * (doctor.DIT_BLOCK_PARAMS * 2 - doctor.DIT_BLOCK_LINEAR_PARAMS // 30)
-    assert doctor.block_swap_savings(2) == 0 and doctor.block_swap_savings(0) == 0
+    fp8 = memory.block_swap_savings(10, "fp8")
+    assert fp8 == 8 * (memory.DIT_BLOCK_PARAMS * 2 - memory.DIT_BLOCK_LINEAR_PARAMS // 30)
+    assert memory.block_swap_savings(2) == 0 and memory.block_swap_savings(0) == 0
 
 
 # --- CUDA ------------------------------------------------------------------------------------------

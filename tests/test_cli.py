@@ -91,9 +91,9 @@ def test_outputs_are_not_overwritten_unless_asked(weights, tmp_path):
     ],
 )
 def test_bad_input_fails_before_any_model_is_loaded(weights, tmp_path, caplog, monkeypatch, change, message):
-    import pixelwizard_core.pipeline.models as models
+    from pixelwizard_core.pipeline.store import ModelStore
 
-    monkeypatch.setattr(models.Models, "_load", lambda self, role: pytest.fail(f"loaded {role} despite bad input"))
+    monkeypatch.setattr(ModelStore, "_load", lambda self, key, *rest: pytest.fail(f"loaded {key.role} despite bad input"))
     args = {"--video_dir": str(tmp_path), "--prompt": "x"}
     args.update({k: {"HR": str(weights["pw"]["hr"]), "LR": str(weights["pw"]["lr"])}.get(v, v) for k, v in change.items()})
     argv = ["generate", *official_args(weights), *FAST]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+
+from pixelwizard_core.pipeline import memory
 import torch
 from conftest import scaled_tiny_vae
 
@@ -16,7 +18,7 @@ from pixelwizard_core.distributed.tiles import (
     rank_decode_bytes,
     resolve_settings,
 )
-from pixelwizard_core.doctor import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, decode_bytes
+from pixelwizard_core.pipeline.memory import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, decode_bytes
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline import decode_budget
 from pixelwizard_core.pipeline.decode_budget import (
@@ -27,7 +29,8 @@ from pixelwizard_core.pipeline.decode_budget import (
     preset_tiles,
 )
 from pixelwizard_core.pipeline.runner import DecodeSettings
-from pixelwizard_core.pipeline.tiled_decode import plan_tiles, tiled_decode, tiled_decode_stream
+from pixelwizard_core.pipeline.tile_plan import plan_tiles
+from pixelwizard_core.pipeline.tiled_decode import tiled_decode, tiled_decode_stream
 
 LATENT_2K, LATENT_4K = (90, 160), (134, 240)
 
@@ -235,18 +238,16 @@ def test_auto_decode_on_cpu_uses_the_preset_default(vae, latent, untiled, caplog
 
 
 def rank_estimate(latent_hw, num_patches, patch_dim, order, world, precision="fp32", overlap=3) -> int:
-    """The busiest rank's decode bytes, computed here from doctor's constants independently of the module:
+    """The busiest rank's decode bytes, computed here from the memory model's constants independently of the module:
     the ceil(n / world) largest tiles' caches in frame order (one tile's in tile order), the largest tile's
     transient, and one tile's float32 piece and weighted copy of 4 frames."""
-    from pixelwizard_core import doctor
-
     tiles = plan_tiles(latent_hw, num_patches, patch_dim, overlap)
     areas = sorted(((t.rows[1] - t.rows[0]) * (t.cols[1] - t.cols[0]) for t in tiles), reverse=True)
     held = areas[:-(-len(areas) // world)] if order == "frame" else areas[:1]
     half = precision != "fp32"
-    cache = sum(held) * doctor.VAE_CACHE_BYTES_PER_LATENT_PIXEL // (2 if half else 1)
-    transient = areas[0] * (doctor.VAE_TRANSIENT_BF16_BYTES_PER_LATENT_PIXEL if half
-                            else doctor.VAE_TRANSIENT_FP32_BYTES_PER_LATENT_PIXEL)
+    cache = sum(held) * memory.VAE_CACHE_BYTES_PER_LATENT_PIXEL // (2 if half else 1)
+    transient = areas[0] * (memory.VAE_TRANSIENT_BF16_BYTES_PER_LATENT_PIXEL if half
+                            else memory.VAE_TRANSIENT_FP32_BYTES_PER_LATENT_PIXEL)
     return cache + transient + 4 * 3 * 4 * 2 * 256 * areas[0]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tiny_models import state_dicts, write_pixelwizard
 
+from pixelwizard_core.pipeline import memory
 from pixelwizard_core import doctor
 from pixelwizard_core.cli import main
 from pixelwizard_core.pipeline.presets import HR_PRESETS
@@ -67,22 +68,22 @@ def documented_estimate(c: dict, width: int, height: int, mode: str, frames: int
             "hr": tokens_hr * (c["DIT_BYTES_PER_TOKEN"] + c["SAMPLER_BYTES_PER_TOKEN"]) + c["DIT_CHUNK_BYTES"],
             "decode": decode}
     weights = {"text": 0 if mode == "lowvram" else w_t5, "anchor": w_lr, "hr": w_hr, "decode": w_vae}
-    if mode == "resident":
+    if mode == "gpu":
         return max(sum(weights.values()) + w for w in work.values())
     return max(weights[s] + work[s] for s in work)
 
 
 def test_the_code_uses_the_documented_constants():
     for name, value in documented_constants().items():
-        assert getattr(doctor, name) == pytest.approx(value, rel=1e-9), name
+        assert getattr(memory, name) == pytest.approx(value, rel=1e-9), name
 
 
 @pytest.mark.parametrize("preset", ["2k", "4k"])
-@pytest.mark.parametrize("mode", ["resident", "offload", "lowvram"])
+@pytest.mark.parametrize("mode", ["gpu", "offload", "lowvram"])
 def test_the_estimate_follows_the_documented_formula(preset, mode):
     c = documented_constants()
     p = HR_PRESETS[preset]
-    estimate = doctor.estimate_memory(p.width, p.height, 121, mode=mode)
+    estimate = memory.estimate_memory(p.width, p.height, 121, mode=mode)
     assert estimate.peak == pytest.approx(documented_estimate(c, p.width, p.height, mode), rel=1e-6)
     assert estimate.peak == max(estimate.stages.values())
 
@@ -90,24 +91,24 @@ def test_the_estimate_follows_the_documented_formula(preset, mode):
 def test_the_documented_figures_are_what_the_code_gives():
     """The table of estimates in BENCHMARKS.md lists each preset and mode's peak in GiB."""
     text = BENCHMARKS.read_text()
-    rows = re.findall(r"^\| (2k|4k) \| (resident|offload|lowvram) \| ([0-9.]+) GiB \|", text, re.M)
+    rows = re.findall(r"^\| (2k|4k) \| (gpu|offload|lowvram) \| ([0-9.]+) GiB \|", text, re.M)
     assert len(rows) == 6
     for preset, mode, gib in rows:
         p = HR_PRESETS[preset]
-        assert doctor.estimate_memory(p.width, p.height, mode=mode).peak_gib == pytest.approx(float(gib), abs=0.05)
+        assert memory.estimate_memory(p.width, p.height, mode=mode).peak_gib == pytest.approx(float(gib), abs=0.05)
 
 
 def test_modes_order_and_fitting():
     for preset in HR_PRESETS.values():
-        peaks = [doctor.estimate_memory(preset.width, preset.height, mode=m).peak for m in doctor.MEMORY_MODES]
-        assert peaks[0] > peaks[1] >= peaks[2] > peaks[3]  # resident > offload >= lowvram > blockswap
-    two_k = doctor.estimate_memory(2560, 1440, mode="offload")
-    four_k = doctor.estimate_memory(3840, 2144, mode="offload")
+        peaks = [memory.estimate_memory(preset.width, preset.height, mode=m).peak for m in memory.PROFILES]
+        assert peaks[0] > peaks[1] >= peaks[2] > peaks[3]  # gpu > offload >= lowvram > block_swap
+    two_k = memory.estimate_memory(2560, 1440, mode="offload")
+    four_k = memory.estimate_memory(3840, 2144, mode="offload")
     assert four_k.peak > two_k.peak
     assert two_k.fits(80 * GIB) and not two_k.fits(int(two_k.peak))  # headroom is required
     # fp8 block weights save about 4.9 GB in every stage that holds a DiT
-    fp8 = doctor.estimate_memory(2560, 1440, mode="offload", precision="fp8")
-    assert two_k.stages["hr"] - fp8.stages["hr"] == doctor.DIT_BLOCK_LINEAR_PARAMS
+    fp8 = memory.estimate_memory(2560, 1440, mode="offload", precision="fp8")
+    assert two_k.stages["hr"] - fp8.stages["hr"] == memory.DIT_BLOCK_LINEAR_PARAMS
 
 
 # --- the doctor command -----------------------------------------------------------------------------
@@ -117,11 +118,11 @@ def test_doctor_on_this_machine_reports_and_exits_1_without_models(tmp_path, cap
     code = main(["doctor", "--models", str(tmp_path / "models")])
     out = capsys.readouterr().out
     assert code == 1  # documented: 1 when something blocks generation (here: no model files)
-    for expected in ("torch", "CUDA (torch)", "SDPA (cpu)", "flash-attn 2", "ffmpeg (imageio-ffmpeg)",
-                     "files for a 2k run", "2k 2560x1440", "4k 3840x2144", "resident", "lowvram", "Not ready"):
+    for expected in ("torch", "CUDA (torch)", "sdpa (cpu)", "flash (cpu)", "ffmpeg (imageio-ffmpeg)",
+                     "files for a 2k run", "2k 2560x1440", "4k 3840x2144", "gpu", "lowvram", "Not ready"):
         assert expected in out, expected
     assert "python -m pixelwizard_core download t5_fp16 vae lr 2k --models" in out
-    assert re.search(r"SDPA \(cpu\)\s+works", out.replace("ok   ", ""))
+    assert re.search(r"sdpa \(cpu\)\s+works", out.replace("ok   ", ""))
 
 
 def test_doctor_json_and_exit_0_when_ready(tmp_path, capsys, monkeypatch):
@@ -133,7 +134,7 @@ def test_doctor_json_and_exit_0_when_ready(tmp_path, capsys, monkeypatch):
     models = tmp_path / "models"
     (tmp_path / "spm").mkdir()
     for (repo, path), data in make_repo_files(tmp_path / "spm").items():
-        file = next(f for f in dl.KNOWN_FILES if (f.repo, f.path) == (repo, path))
+        file = next(f for f in dl.known_files() if (f.repo, f.path) == (repo, path))
         if file.key in ("t5_fp16", "vae", "lr", "2k"):
             (models / file.relative).parent.mkdir(parents=True, exist_ok=True)
             (models / file.relative).write_bytes(data)
@@ -145,7 +146,7 @@ def test_doctor_json_and_exit_0_when_ready(tmp_path, capsys, monkeypatch):
     assert checks["files for a 2k run"]["ok"] and not checks["files for a 4k run"]["ok"]
     assert checks["PixelWizard/2k/model.pt"]["ok"]
     assert {(r["preset"], r["mode"]) for r in report["memory"]} == {
-        (p, m) for p in ("2k", "4k") for m in ("resident", "offload", "lowvram", "blockswap")}
+        (p, m) for p in ("2k", "4k") for m in ("gpu", "offload", "lowvram", "block_swap")}
 
 
 def test_doctor_names_a_broken_file(tmp_path, capsys):
@@ -181,12 +182,12 @@ def test_generate_demo_writes_a_noise_video_without_files(tmp_path, monkeypatch)
 def test_the_chunk_allowance_is_the_dit_chunk_budget():
     from pixelwizard_core.models.dit import FFN_CHUNK_BYTES
 
-    assert doctor.DIT_CHUNK_BYTES == FFN_CHUNK_BYTES
+    assert memory.DIT_CHUNK_BYTES == FFN_CHUNK_BYTES
 
 
 def test_the_vae_cache_constant_is_the_exact_count_of_the_real_decoder():
     from pixelwizard_core.models.vae import VAEConfig, decoder_cache_elements
 
     elements = decoder_cache_elements(VAEConfig(), (16, 16))
-    assert elements * 4 / (16 * 16) == doctor.VAE_CACHE_BYTES_PER_LATENT_PIXEL
+    assert elements * 4 / (16 * 16) == memory.VAE_CACHE_BYTES_PER_LATENT_PIXEL
     assert decoder_cache_elements(VAEConfig(), (16, 32)) == 2 * elements  # proportional to the latent area

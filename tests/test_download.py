@@ -130,9 +130,9 @@ def test_selection_and_the_table():
     assert {f.key for f in dl.select(["official"])} >= {"official:dit", "official:vae", "official:t5"}
     with pytest.raises(dl.ConfigError, match="unknown download item"):
         dl.select(["8k"])
-    names = [f.name for f in dl.KNOWN_FILES]
+    names = [f.name for f in dl.known_files()]
     assert len(names) == len(set(names))  # one name per file: ComfyUI lists them side by side
-    for file in dl.KNOWN_FILES:
+    for file in dl.known_files():
         entry = file.comfy_entry()
         assert entry["url"] == f"https://huggingface.co/{file.repo}/resolve/main/{file.path}"
         assert entry["directory"] in ("diffusion_models", "vae", "text_encoders", "")
@@ -144,9 +144,9 @@ FAST = ["--device", "cpu", "--dtype", "fp32", "--lr_size", "128*64", "--frame_nu
 
 
 def test_generate_without_files_stops_early_with_the_download_command(tmp_path, caplog, monkeypatch):
-    import pixelwizard_core.pipeline.models as models
+    from pixelwizard_core.pipeline.store import ModelStore
 
-    monkeypatch.setattr(models.Models, "_load", lambda self, role: pytest.fail(f"loaded {role}"))
+    monkeypatch.setattr(ModelStore, "_load", lambda self, key, *rest: pytest.fail(f"loaded {key.role}"))
     empty = tmp_path / "models"
     assert main(["generate", "--models", str(empty), "--prompt", "x", *FAST]) == 2
     message = caplog.text

@@ -1,5 +1,5 @@
 """The frontend extension's JavaScript: its own tests under Node's test runner, and its tables and VRAM formula
-kept equal to the Python ones (presets.py, doctor.py) by evaluating the JS module under node."""
+kept equal to the Python ones (presets.py, pipeline/memory.py) by evaluating the JS module under node."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from pixelwizard_core.pipeline import memory
 
 ROOT = Path(__file__).resolve().parents[1]
 JS = ROOT / "js"
@@ -53,28 +55,27 @@ def test_token_counts_match_the_python_settings():
     assert got == [StageSettings(w, h, f, 4, 5.0, 5.0).tokens for w, h, f in sizes]
 
 
-def test_vram_estimate_equals_doctors():
-    doctor = pytest.importorskip("pixelwizard_core.doctor")
+def test_vram_estimate_equals_the_memory_model():
     constants = run_js("L.MEMORY")
     for name in ("DIT_PARAMS", "DIT_BLOCK_LINEAR_PARAMS", "DIT_BLOCKS", "DIT_BLOCK_PARAMS", "HR_DT_PARAMS", "HR_ADAPTER_PARAMS", "T5_PARAMS",
                  "VAE_PARAMS", "DIT_BYTES_PER_TOKEN", "DIT_CHUNK_BYTES", "SAMPLER_BYTES_PER_TOKEN", "T5_ACTIVATION_BYTES",
                  "PRECISION_BYTES"):
-        assert constants[name] == getattr(doctor, name), f"js/pixelwizard_logic.js MEMORY.{name} != doctor.{name}"
+        assert constants[name] == getattr(memory, name), f"js/pixelwizard_logic.js MEMORY.{name} != memory.{name}"
     cases = [(2560, 1440, 121, "bf16"), (3840, 2144, 121, "bf16"), (1280, 704, 81, "fp16"), (2560, 1440, 121, "fp32"),
              (3840, 2144, 121, "fp8")]
-    for mode, resident in (("offload", []), ("resident", ["text", "lr", "hr", "vae"])):
+    for mode, resident in (("offload", []), ("gpu", ["text", "lr", "hr", "vae"])):
         calls = [{"width": w, "height": h, "frames": f, "precision": p, "resident": resident} for w, h, f, p in cases]
         got = run_js(f"{json.dumps(calls)}.map((c) => L.estimateStages(c))")
         for (w, h, f, p), js in zip(cases, got):
-            stages = doctor.estimate_memory(w, h, f, mode=mode, precision=p).stages
+            stages = memory.estimate_memory(w, h, f, mode=mode, precision=p).stages
             expected = {"text": stages["text"], "anchor": stages["anchor"], "hr": stages["hr"]}
             assert js == expected, f"{w}x{h} {f} frames {p} {mode}"
-    # block swap: the sampling stages of doctor's blockswap mode (its text encoder runs on the CPU instead)
-    swap = doctor.MEMORY_MODES["blockswap"].swap_blocks
+    # block swap: the sampling stages of the block_swap memory profile (its text encoder runs on the CPU instead)
+    swap = memory.PROFILES["block_swap"].swap_blocks
     calls = [{"width": w, "height": h, "frames": f, "precision": p, "swapBlocks": swap} for w, h, f, p in cases]
     got = run_js(f"{json.dumps(calls)}.map((c) => L.estimateStages(c))")
     for (w, h, f, p), js in zip(cases, got):
-        stages = doctor.estimate_memory(w, h, f, mode="blockswap", precision=p).stages
+        stages = memory.estimate_memory(w, h, f, mode="block_swap", precision=p).stages
         assert (js["anchor"], js["hr"]) == (stages["anchor"], stages["hr"]), f"{w}x{h} {f} frames {p} blockswap"
 
 

@@ -13,7 +13,7 @@ import nodes
 from nodes import host
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.io.video import read_video, write_video
-from pixelwizard_core.pipeline import handles
+from pixelwizard_core.pipeline.store import SHARED_STORE, ModelStore
 from pixelwizard_core.pipeline.presets import WAN_NEGATIVE_PROMPT
 
 N = nodes.NODE_CLASS_MAPPINGS
@@ -39,7 +39,7 @@ def comfy_env(models_root, tmp_path, monkeypatch):
     monkeypatch.setenv("PIXELWIZARD_INPUT", str(tmp_path / "input"))
     monkeypatch.setattr(host, "device", lambda: torch.device("cpu"))
     yield tmp_path
-    handles.release_all()
+    SHARED_STORE.release()
 
 
 def load_wan():
@@ -71,7 +71,7 @@ def test_every_node_is_declared_for_the_classic_api():
 
 
 def test_loaders_are_lazy_and_check_the_stage(comfy_env, monkeypatch):
-    monkeypatch.setattr(handles, "load", lambda *a: pytest.fail("a loader node loaded weights"))
+    monkeypatch.setattr(ModelStore, "_load", lambda *a: pytest.fail("a loader node loaded weights"))
     wan = load_wan()
     assert (wan.dit.role, wan.vae.role, wan.text.role) == ("lr", "vae", "text")
     assert checkpoint("hr").role == "hr"
@@ -120,7 +120,7 @@ def test_anchor_preview_from_latent_and_from_video(comfy_env):
 
 def test_native_conditioning_is_accepted(comfy_env, monkeypatch):
     wan = load_wan()
-    monkeypatch.setattr(handles, "load", lambda *a: pytest.fail("text encoder loaded despite native conditioning"))
+    monkeypatch.setattr(ModelStore, "_load", lambda *a: pytest.fail("text encoder loaded despite native conditioning"))
     pos, neg = torch.zeros(1, 600, 4096), torch.ones(1, 512, 4096)
     text = N["PixelWizardTextEncode"]().encode(wan, "", "", [[pos, {"pooled_output": None}]], [[neg, {}]])[0]
     assert text.positive.shape == (1, 512, 4096) and torch.equal(text.negative, neg)
@@ -143,16 +143,16 @@ def test_cancel_stops_the_sampler_within_one_step(comfy_env, monkeypatch):
 
     monkeypatch.setattr(host, "check_interrupt", check)
     calls = []
-    original = handles.get
+    original = SHARED_STORE.get
 
-    def counting_get(handle, device):
-        model = original(handle, device)
+    def counting_get(handle, device, **options):
+        model = original(handle, device, **options)
         if handle.role == "lr" and not hasattr(model, "_counted"):
             model.register_forward_hook(lambda *a: calls.append(1))
             model._counted = True
         return model
 
-    monkeypatch.setattr(handles, "get", counting_get)
+    monkeypatch.setattr(SHARED_STORE, "get", counting_get)
     with pytest.raises(Interrupted):
         N["PixelWizardAnchorSampler"]().sample(wan, text, 128, 64, 5, 10, 5.0, 5.0, 1, "unipc")
     assert len(calls) == 3  # steps 1 and 2 ran, the check after step 3 stopped it: never all 10 steps
@@ -242,7 +242,7 @@ def test_loader_options_reach_the_model_compile_and_block_swap(comfy_env, monkey
     monkeypatch.setattr(WanDiT, "compile_blocks", lambda self, **kw: compiled.append(type(self).__name__))
     loader = N["PixelWizardCheckpointLoader"]()
     hr = loader.load("PixelWizard/2k/model.pt", "hr", "fp32", "auto", "gpu", 0, True)[0]
-    assert hr.compile and handles.get(hr, torch.device("cpu")) is not None and compiled == ["WanHRDiT"]
+    assert hr.compile and SHARED_STORE.get(hr, torch.device("cpu")) is not None and compiled == ["WanHRDiT"]
     with pytest.raises(ConfigError, match="torch.compile and block swap"):
         loader.load("PixelWizard/2k/model.pt", "hr", "fp32", "auto", "block_swap", 2, True)
     swapped = loader.load("PixelWizard/2k/model.pt", "hr", "fp32", "auto", "block_swap", 2)[0]

@@ -119,7 +119,7 @@ def test_anchor_files_round_trip_bit_exactly_and_refuse_tampering(tmp_path, gene
 
 
 def test_cfg_branches_are_batched_only_when_the_estimate_fits():
-    from pixelwizard_core.doctor import dit_activation_bytes
+    from pixelwizard_core.pipeline.memory import dit_activation_bytes
     from pixelwizard_core.pipeline.stages import cfg_batch_fits
 
     need = dit_activation_bytes(111_600, batch=2)  # 2K HR tokens

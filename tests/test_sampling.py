@@ -330,7 +330,7 @@ def test_unipc_reset_reproduces_and_outputs_float32():
 
 @pytest.mark.parametrize("name", ["dpm++", "", None, 3])
 def test_unknown_solver_name_raises_with_the_names(name):
-    with pytest.raises(ConfigError, match="euler, shortcut, unipc"):
+    with pytest.raises(ConfigError, match="unipc, euler, shortcut"):
         make_solver(name, flow_schedule(4, 5.5))
 
 

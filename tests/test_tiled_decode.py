@@ -10,15 +10,8 @@ from conftest import scaled_tiny_vae
 
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.models.vae import VAEConfig, WanVAE
-from pixelwizard_core.pipeline.tiled_decode import (
-    SCALE,
-    blend_plan,
-    cosine_axis_weights,
-    plan_tiles,
-    split_axis,
-    tiled_decode,
-    tiled_decode_stream,
-)
+from pixelwizard_core.pipeline.tile_plan import SCALE, plan_tiles, split_axis
+from pixelwizard_core.pipeline.tiled_decode import blend_plan, cosine_axis_weights, tiled_decode, tiled_decode_stream
 
 # Measured on this tiny random VAE (seed 0) and latent (seed 1), 3 patches along w, overlap 3:
 # max |tiled - untiled| = 0.305 (cosine and reference blend), mean 0.0202 (cosine) / 0.0210 (reference);

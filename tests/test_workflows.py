@@ -418,5 +418,5 @@ def test_loaders_carry_download_links_for_their_files(path):
         links = node["properties"].get("models", [])
         assert [link["name"] for link in links] == [value for _, value in files]
         for link, (widget, value) in zip(links, files):
-            assert link == download.FILES_BY_NAME[value].comfy_entry()
+            assert link == download.file_named(value).comfy_entry()
             assert link["directory"] == widget_folder[widget]

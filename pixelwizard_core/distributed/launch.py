@@ -39,19 +39,19 @@ import torch.distributed as dist
 from ..errors import ConfigError, PixelWizardError
 from ..io.video import PngSequenceWriter, VideoWriter
 from ..pipeline.anchors import Anchor
-from ..pipeline.handles import DIT_ROLES, ModelHandle
+from ..pipeline.handles import ModelHandle
 from ..pipeline.loop import StepCallback
 from ..pipeline.models import Models
 from ..pipeline.presets import StageSettings
 from ..pipeline.runner import DecodeSettings, PixelWizard
 from ..pipeline.text import TextConditioning
-from ..pipeline.tiled_decode import ORDERS, BlendPlan
+from ..pipeline.tile_plan import ORDERS
+from ..pipeline.tiled_decode import BlendPlan
 from .session import ParallelConfig, Session, check_model_degree, init_process_group
 from .tiles import blend_tiles, plan_for_latent
 
 log = logging.getLogger("pixelwizard")
 
-PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def launched_world_size() -> int:
@@ -105,13 +105,7 @@ class DistributedPixelWizard(PixelWizard):
         return self.session.share(value)
 
     def _handle(self, role: str) -> ModelHandle:
-        models = self.models
-        self.models.files.require(role)
-        precision = PRECISION_NAMES[models.vae_dtype if role == "vae" else models.dtype]
-        swap = models.block_swap if role in DIT_ROLES else 0  # as Models.use: the DiTs swap, wait on the CPU
-        mode = "block_swap" if swap else "offload" if models.offload else "gpu"
-        return ModelHandle(role, str(models.files.path(role)), precision=precision, attention=models.attention,
-                           memory_mode=mode, swap_blocks=swap, compile=models.compile_blocks)
+        return self.models.handle(role)  # the same handle one process would use, so the same identity
 
     def conditioning(self, prompt: str, negative_prompt: str | None = None) -> TextConditioning:
         with self._stage("text"):

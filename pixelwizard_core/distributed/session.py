@@ -15,8 +15,9 @@ the same code. Every rank calls every job; ranks that have nothing to do for a j
   resolved once before, from the smallest rank's usable memory (``decode_budget``; ``resolve_decode``
   for torchrun, the pool's parent from every worker's ``decode_budget``).
 
-Models stay resident between jobs, cached per role by file identity (path, size, modification time), so
-a second job with the same files loads nothing; a different file for a role replaces that role's model.
+Models stay resident between jobs in the model store (:mod:`~pixelwizard_core.pipeline.store`), keyed
+by file identity and load options, so a second job with the same files loads nothing; a different file or
+other load options (precision, compile) for a role replace that role's model.
 Interrupts are agreed on by all ranks after every step (one tiny all-reduce), so no rank is left waiting
 in a collective for a rank that stopped.
 """
@@ -24,9 +25,7 @@ in a collective for a rank that stopped.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,16 +34,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, MissingFileError, PixelWizardError
+from ..errors import ConfigError, PixelWizardError
 from ..loading import load_t5_tokenizer
 from ..loading.folders import resolve
 from ..models.parallel import check_degree
 from ..pipeline.anchors import Anchor
 from ..system import peak_rss_bytes
-from ..pipeline.decode_budget import free_device_bytes
+from ..pipeline.memory import free_device_bytes
 from ..pipeline.handles import PRECISIONS, ModelHandle
 from ..pipeline.handles import load as load_handle
-from ..pipeline.placement import module_of, on_device
+from ..pipeline.placement import module_of
+from ..pipeline.store import ModelStore
 from ..pipeline.presets import StageSettings
 from ..pipeline.runner import DecodeSettings
 from ..pipeline.stages import hr_latent, lr_anchor
@@ -56,7 +56,7 @@ from .ulysses import UlyssesGroup
 log = logging.getLogger("pixelwizard")
 
 COMPONENTS = {"text": "t5", "lr": "dit", "hr": "hr_dit", "vae": "vae"}
-BACKENDS = ("auto", "nccl", "gloo")
+BACKENDS = ("auto", "nccl", "gloo")  # process-group backends: the pool, the Multi-GPU node and the CLI list these
 Progress = Callable[[int, int], None]
 
 
@@ -82,19 +82,6 @@ class ParallelConfig:
                 f"rank, so use ulysses {world_size} (or 1 for FSDP and split decoding only)")
 
 
-def file_identity(path: Path) -> tuple:
-    """What makes two loads of a weight file the same: path, size and modification time (with every
-    shard of a sharded folder)."""
-    files = [path]
-    if path.suffix == ".json":
-        files += sorted(path.parent.glob("*.safetensors"))
-    try:
-        return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    except FileNotFoundError as error:
-        raise MissingFileError(f"{error.filename} does not exist (any more): was it moved or deleted? "
-                               "Put it back or choose the model file again") from None
-
-
 def check_model_degree(path: str | Path, role: str, ulysses: int) -> None:
     """Refuse a Ulysses degree that does not divide the model's heads, from the file header alone."""
     if ulysses <= 1:
@@ -116,16 +103,6 @@ def init_process_group(backend: str, *, rank: int, world_size: int, store: dist.
     if device is not None and device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
-
-
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ConfigError("backend 'nccl' needs CUDA GPUs, and none is visible; use 'gloo' for CPU processes")
-    return backend
 
 
 class Session:
@@ -155,8 +132,7 @@ class Session:
             self.cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.should_stop: Callable[[], bool] = lambda: False
         self.progress: Progress | None = None
-        self.loaded: list[str] = []  # roles loaded since the last reset_job()
-        self._models: dict[str, tuple[tuple, object]] = {}
+        self.store = ModelStore(one_per_role=True)  # a worker holds one model per role
 
     @property
     def is_main(self) -> bool:
@@ -176,28 +152,19 @@ class Session:
     def _work_device(self, role: str) -> torch.device:
         return torch.device("cpu") if role == "text" and self.t5_cpu else self.device
 
-    def model(self, handle: ModelHandle) -> object:
-        """The model of ``handle``, loaded on first use and kept while its file and options are unchanged."""
-        file = Path(handle.path)
-        key = (file_identity(file), handle.precision, handle.memory_mode, self._sharded(handle.role))
-        cached = self._models.get(handle.role)
-        if cached is not None and cached[0] == key:
-            model = cached[1]
-        else:
-            if cached is not None:
-                self.release(handle.role)
-            start = time.perf_counter()
-            model = self._load(handle)
-            self._models[handle.role] = (key, model)
-            self.loaded.append(handle.role)
-            log.info("rank %d: loaded %s from %s in %.1f s", self.rank, handle.role, file, time.perf_counter() - start)
-        if hasattr(model, "set_attention_backend"):
-            model.set_attention_backend(handle.attention)
-        return model
+    @property
+    def loaded(self) -> list[str]:
+        """Roles loaded since the last :meth:`reset_job`."""
+        return self.store.loaded_roles
 
-    def _load(self, handle: ModelHandle) -> object:
+    def model(self, handle: ModelHandle) -> object:
+        """The model of ``handle`` from the store: loaded on first use, kept while its file and load options
+        (precision, compile, sharding) are unchanged; another file or options for a role replace it."""
+        return self.store.get(handle, self._home(handle), sharded=self._sharded(handle.role), loader=self._load)
+
+    def _load(self, handle: ModelHandle, home: torch.device) -> object:
         if not self._sharded(handle.role):
-            return load_handle(handle, self._home(handle))
+            return load_handle(handle, home)
         from .fsdp import load_sharded  # torch's FSDP costs almost a second to import: only when used
 
         dtype = PRECISIONS[handle.precision]
@@ -208,25 +175,23 @@ class Session:
 
     def release(self, role: str | None = None) -> None:
         """Drop one resident model (or all of them) and free its memory."""
-        for name in [role] if role else list(self._models):
-            self._models.pop(name, None)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.store.release(role)
 
     @contextlib.contextmanager
     def _placed(self, handle: ModelHandle) -> Iterator[object]:
         """The model on its working device for the block; offloaded models go back to the CPU after,
         block-swapped DiTs stream their last blocks meanwhile (not when sharded: FSDP already splits
         the weights over the ranks, as it overrides offloading)."""
+        sharded = self._sharded(handle.role)
         model = self.model(handle)
-        swap = 0 if self._sharded(handle.role) else handle.swap_for(model)
-        with on_device(model, self._work_device(handle.role), home=self._home(handle), swap_blocks=swap):
-            yield model
+        swap = 0 if sharded else handle.swap_for(model)
+        with self.store.use(handle, self._work_device(handle.role), home=self._home(handle), swap_blocks=swap,
+                            sharded=sharded, loader=self._load) as placed:
+            yield placed
 
     # --- control -----------------------------------------------------------------------------
     def reset_job(self) -> None:
-        self.loaded = []
+        self.store.loaded_roles = []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -432,8 +397,7 @@ class Session:
         """Resident models (with the parameters this rank holds) and peak memory, for reports and tests."""
         from .fsdp import shard_stats
 
-        models = {role: {"file": key[0][0][0], **shard_stats(module_of(m))}
-                  for role, (key, m) in self._models.items()}
+        models = {key.role: {"file": key.file.name, **shard_stats(module_of(m))} for key, m in self.store.entries()}
         return {"rank": self.rank, "world_size": self.world_size, "device": str(self.device), "models": models,
                 **self.memory()}
 

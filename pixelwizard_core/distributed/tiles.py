@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..doctor import (
+from ..pipeline.memory import (
     GIB,
     PRECISION_BYTES,
     VAE_CACHE_BYTES_PER_LATENT_PIXEL,
@@ -50,7 +50,8 @@ from ..pipeline.decode_budget import (
     preset_tiles,
 )
 from ..pipeline.runner import DecodeSettings
-from ..pipeline.tiled_decode import AUTO_PATCHES, ORDERS, SCALE, BlendPlan, Tile, blend_plan, plan_tiles
+from ..pipeline.tile_plan import AUTO_PATCHES, ORDERS, SCALE, Tile, plan_tiles
+from ..pipeline.tiled_decode import BlendPlan, blend_plan
 
 log = logging.getLogger("pixelwizard")
 

@@ -1,7 +1,7 @@
 """Decode tiles chosen from a memory budget: ``num_patches=0`` ("auto") in the tiled decode.
 
 :func:`choose_tiles` returns the fewest tiles whose estimated working memory
-(:func:`pixelwizard_core.doctor.decode_bytes`, BENCHMARKS.md "Peak memory estimate") fits a budget. The
+(:func:`pixelwizard_core.pipeline.memory.decode_bytes`, BENCHMARKS.md "Peak memory estimate") fits a budget. The
 candidates, in order of preference:
 
 1. frame order (streaming, every tile's causal cache on the device): 1 tile; then n tiles along the
@@ -38,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..doctor import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, decode_bytes
 from ..errors import ConfigError
+from .memory import GIB, HEADROOM_BYTES, HEADROOM_FRACTION, decode_bytes, free_device_bytes, vae_precision_of
 from .presets import HR_PRESETS
-from .tiled_decode import AUTO_PATCHES, ORDERS, SCALE
+from .tile_plan import AUTO_PATCHES, ORDERS, SCALE
 
 log = logging.getLogger("pixelwizard")
 
@@ -75,11 +75,6 @@ class TileChoice:
         else:
             layout = f"{self.num_patches} tiles along {'width' if self.patch_dim == 'w' else 'height'}"
         return f"{layout}, {self.order} order, about {self.estimated_bytes / GIB:.1f} GiB"
-
-
-def vae_precision_of(dtype: torch.dtype) -> str:
-    """The ``vae_precision`` name of doctor's estimate for a VAE of this dtype."""
-    return "fp32" if torch.empty((), dtype=dtype).element_size() >= 4 else "bf16"
 
 
 def min_tile(overlap: int) -> int:
@@ -118,7 +113,7 @@ Estimate = Callable[[int | tuple[int, int], str, str], int]
 def candidates(latent_hw: tuple[int, int], *, vae_precision: str, overlap: int = 3, order: str = "frame",
                estimate: Estimate | None = None) -> list[TileChoice]:
     """Every allowed choice, most preferred first (see the module docstring). ``estimate``: the memory of
-    one choice; default: one process's decode (``doctor.decode_bytes``)."""
+    one choice; default: one process's decode (``memory.decode_bytes``)."""
     if order not in ORDERS:
         raise ConfigError(f"order must be one of {ORDERS} (lockstep streaming, or one tile at a time), got {order!r}")
     check_overlap(overlap)
@@ -200,22 +195,6 @@ def effective_budget(cap_bytes: int | None, free_bytes: int | None) -> int | Non
     either alone where the other is None (no cap; no budget on a CPU), None where both are."""
     known = [value for value in (check_budget(cap_bytes), free_bytes) if value is not None]
     return min(known) if known else None
-
-
-def free_device_bytes(device: torch.device | str) -> int | None:
-    """Memory a decode on ``device`` may use now, or None where there is no budget (CPU, MPS, ...).
-
-    On CUDA: the driver's free memory plus what PyTorch's caching allocator holds reserved but unused
-    (it is reused before the driver is asked), less doctor's allowance for allocator slack and
-    fragmentation: ``(available - HEADROOM_BYTES) / (1 + HEADROOM_FRACTION)``, the inverse of its "fits".
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    free, _total = torch.cuda.mem_get_info(index)
-    reusable = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
-    return max(0, int((free + reusable - HEADROOM_BYTES) / (1 + HEADROOM_FRACTION)))
 
 
 def auto_tiles(latent_hw: tuple[int, int], device: torch.device | str, *, vae_precision: str, overlap: int = 3,

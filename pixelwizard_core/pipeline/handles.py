@@ -1,17 +1,14 @@
 """Model handles: lazy, hashable descriptions of a model (file identity and options).
 
 A handle costs nothing to create or pass around (ComfyUI sockets, worker-pool jobs); the model is loaded
-on first ``open`` and cached by the file's identity and options, so the same file is never loaded twice
-while it is in use and the same handle can be opened inside another process.
+on first use by the model store (:mod:`.store`), keyed by the file's identity and the load options, so
+the same file is never loaded twice while it is in use and the same handle can be opened inside another
+process.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +17,10 @@ import torch
 from ..errors import ConfigError
 from ..loading import inspect_weights, load_dit, load_hr_dit, load_t5, load_t5_tokenizer, load_vae
 from ..loading.folders import resolve
+from ..loading.identity import file_identity
 from ..loading.inspection import WeightsInfo
 from ..models.layers import store_linears_in_fp8
-from .placement import module_of, on_device  # noqa: F401 (module_of: re-exported, older imports)
+from .memory import MEMORY_MODES
 from .text import TextEncoder
 
 log = logging.getLogger("pixelwizard")
@@ -31,13 +29,10 @@ ROLES = {"text": "t5", "vae": "vae", "lr": "dit", "hr": "hr_dit"}  # role -> loa
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}
 # "fp8": loaded in bf16, then the DiT's block Linears are stored in float8 with a per-tensor scale
 
-# gpu: stay on the GPU between stages; offload: wait on the CPU; block_swap: wait on the CPU, and the DiTs
-# stream their last ``swap_blocks`` blocks from pinned CPU memory while they run (text encoder and VAE: as
-# offload). See pipeline/placement.py.
-MEMORY_MODES = ("gpu", "offload", "block_swap")
+# Memory modes: pipeline/memory.py MEMORY_MODES (the text encoder and the VAE treat block_swap as offload).
 DIT_ROLES = ("lr", "hr")
 # Blocks streamed in "block_swap" mode when the handle says 0: a third of the 5B DiT's 30 blocks (3.3 GB of
-# bf16 weights; 2.4 GB less on the GPU once the two blocks in flight are counted: doctor's "blockswap" mode,
+# bf16 weights; 2.4 GB less on the GPU once the two blocks in flight are counted: the memory profile "block_swap",
 # where 2K fits a 24 GB card), for copies the HR stage hides behind its compute and that cost the 448x256
 # anchor stage roughly 0.1 s per step over PCIe 4 (estimated, not measured).
 DEFAULT_SWAP_BLOCKS = 10
@@ -64,8 +59,7 @@ class ModelHandle:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.memory_mode not in MEMORY_MODES:
-            raise ConfigError(f"memory mode {self.memory_mode!r}: choose one of {', '.join(MEMORY_MODES)}")
+        MEMORY_MODES.check(self.memory_mode)
         swap = self.swap_blocks
         if isinstance(swap, bool) or not isinstance(swap, int) or swap < 0:
             raise ConfigError(f"swap_blocks {swap!r}: give a whole number of DiT blocks to stream, 0 for the "
@@ -83,8 +77,7 @@ class ModelHandle:
             raise ConfigError(f"unknown model role {role!r}; one of {', '.join(ROLES)}")
         if options.get("precision", "bf16") not in PRECISIONS:
             raise ConfigError(f"precision {options['precision']!r}: choose one of {', '.join(PRECISIONS)}")
-        if options.get("memory_mode", "gpu") not in MEMORY_MODES:
-            raise ConfigError(f"memory mode {options['memory_mode']!r}: choose one of {', '.join(MEMORY_MODES)}")
+        MEMORY_MODES.check(options.get("memory_mode", "gpu"))
         file = resolve(path, ROLES[role])
         info = check_kind(file, role)
         stat = file.stat()
@@ -97,7 +90,8 @@ class ModelHandle:
 
     @property
     def identity(self) -> str:
-        return f"{Path(self.path).name}:{self.size}"
+        """The file's identity for metadata (path below its models folder, size, content digest)."""
+        return str(file_identity(self.path))
 
     @property
     def blocks_to_swap(self) -> int:
@@ -115,7 +109,7 @@ class ModelHandle:
 
     def home(self, device: torch.device) -> torch.device:
         """Where the model waits between uses."""
-        return torch.device("cpu") if self.memory_mode in ("offload", "block_swap") else device
+        return torch.device("cpu") if MEMORY_MODES.get(self.memory_mode).offload else device
 
 
 def check_kind(path: Path, role: str) -> WeightsInfo:
@@ -131,12 +125,8 @@ def check_kind(path: Path, role: str) -> WeightsInfo:
     return info
 
 
-_cache: dict[tuple, object] = {}
-_lock = threading.Lock()
-
-
 def load(handle: ModelHandle, device: torch.device) -> object:
-    """Load the model of ``handle`` onto ``device`` (uncached; see :func:`get`)."""
+    """Load the model of ``handle`` onto ``device`` (uncached: the model store caches, :mod:`.store`)."""
     dtype = PRECISIONS[handle.precision]
     if handle.role == "text":
         return TextEncoder(load_t5(handle.path, dtype=dtype, device=device), load_t5_tokenizer(handle.path))
@@ -149,35 +139,3 @@ def load(handle: ModelHandle, device: torch.device) -> object:
     if handle.compile:
         model.compile_blocks()
     return model
-
-
-def get(handle: ModelHandle, device: torch.device) -> object:
-    """The loaded model of ``handle`` (loaded now if it is not cached), at its home for ``device``."""
-    key = (handle.role, handle.path, handle.size, handle.mtime_ns, handle.precision, handle.compile)
-    with _lock:
-        if key not in _cache:
-            log.info("loading %s model %s", handle.role, handle.path)
-            _cache[key] = load(handle, handle.home(device))
-        model = _cache[key]
-    if hasattr(model, "set_attention_backend"):
-        model.set_attention_backend(handle.attention)
-    return model
-
-
-@contextlib.contextmanager
-def opened(handle: ModelHandle, device: torch.device | str) -> Iterator[object]:
-    """The model on ``device`` for the block (a DiT in "block_swap" mode streams its last blocks);
-    afterwards back to its home (CPU when offloading or swapping)."""
-    device = torch.device(device)
-    model = get(handle, device)
-    with on_device(model, device, home=handle.home(device), swap_blocks=handle.swap_for(model)):
-        yield model
-
-
-def release_all() -> None:
-    """Forget every cached model (frees its memory once nothing else holds it)."""
-    with _lock:
-        _cache.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

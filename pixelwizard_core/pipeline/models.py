@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +19,11 @@ import torch
 from ..errors import ConfigError
 from ..loading.folders import resolve
 from ..models.block_swap import check_count
+from ..loading.identity import file_identity
+from ..system import unified_memory
 from .handles import DIT_ROLES, ROLES, ModelHandle, check_kind
-from .handles import load as load_handle
 from .placement import num_blocks, on_device
+from .store import ModelStore
 
 log = logging.getLogger("pixelwizard")
 
@@ -85,12 +86,9 @@ class ModelFiles:
         return {"text": self.text_encoder, "vae": self.vae, "lr": self.lr, "hr": self.hr}[role]
 
     def identity(self, role: str) -> str:
-        """A short identity of the file behind ``role`` for metadata: name and size."""
+        """The identity of the file behind ``role`` for metadata (:func:`~..loading.identity.file_identity`)."""
         path = self.path(role)
-        if path is None:
-            return ""
-        size = sum(p.stat().st_size for p in path.parent.glob("*.safetensors")) if path.suffix == ".json" else path.stat().st_size
-        return f"{path.name}:{size}"
+        return "" if path is None else str(file_identity(path))
 
 
 class Models:
@@ -128,20 +126,24 @@ class Models:
         self.vae_dtype = vae_dtype
         self.load_mode = "resident" if load_mode == "auto" else load_mode
         self.offload = self.device.type == "cuda" if offload is None else offload
+        if self.offload and unified_memory(self.device):
+            log.info("%s shares the host's memory: offloading saves nothing there, models stay put", self.device)
+            self.offload = False
         self.t5_cpu = t5_cpu
         self.attention = attention
         self.block_swap = block_swap
         self.compile_blocks = compile_blocks
         # models built in memory (``generate --demo``): used as if loaded, no file needed
-        self._loaded: dict[str, object] = dict(prebuilt or {})
+        self._prebuilt: dict[str, object] = dict(prebuilt or {})
+        self.store = ModelStore(one_per_role=True)
         if block_swap:
             self._check_block_swap()
 
     def _check_block_swap(self) -> None:
         """Refuse a block count larger than a DiT's now, from the file headers, before any stage runs."""
         for role in DIT_ROLES:
-            if role in self._loaded:
-                layers = num_blocks(self._loaded[role])
+            if role in self._prebuilt:
+                layers = num_blocks(self._prebuilt[role])
             elif self.files.path(role) is not None:
                 layers = check_kind(self.files.path(role), role).config.get("num_layers")
             else:
@@ -164,39 +166,47 @@ class Models:
     def _work_device(self, role: str) -> torch.device:
         return torch.device("cpu") if role == "text" and self.t5_cpu else self.device
 
-    def _load(self, role: str) -> object:
+    def handle(self, role: str) -> ModelHandle:
+        """The handle of ``role``'s file with this run's options (what a worker process is sent too)."""
+        if role not in ROLES:
+            raise ConfigError(f"unknown model role {role!r}")
+        self.files.require(role)
         dtype = self.vae_dtype if role == "vae" else self.dtype
-        handle = ModelHandle(role, str(self.files.path(role)), precision=PRECISION_NAMES[dtype],
-                             attention=self.attention, compile=self.compile_blocks)
-        log.info("loading %s from %s", role, handle.path)
-        return load_handle(handle, self._home(role))
+        swap = self._swap(role)
+        mode = "block_swap" if swap else "offload" if self.offload else "gpu"
+        return ModelHandle(role, str(self.files.path(role)), precision=PRECISION_NAMES[dtype],
+                           attention=self.attention, memory_mode=mode, swap_blocks=swap,
+                           compile=self.compile_blocks)
 
     @contextlib.contextmanager
     def use(self, role: str) -> Iterator[object]:
         """The model of ``role`` on its working device for the duration of the block."""
-        if role not in ROLES:
-            raise ConfigError(f"unknown model role {role!r}")
-        if role not in self._loaded:
-            self.files.require(role)
-            self._loaded[role] = self._load(role)
-        model = self._loaded[role]
+        if role in self._prebuilt:
+            with on_device(self._prebuilt[role], self._work_device(role), home=self._home(role),
+                           swap_blocks=self._swap(role)) as model:
+                yield model
+            return
+        handle = self.handle(role)
         reload = self.load_mode == "reload"  # dropped after use: not worth moving back
         try:
-            with on_device(model, self._work_device(role), home=None if reload else self._home(role),
-                           swap_blocks=self._swap(role)):
+            with self.store.use(handle, self._work_device(role), home=None if reload else self._home(role),
+                                swap_blocks=self._swap(role)) as model:
                 yield model
         finally:
             if reload:
-                del model
                 self.release(role)
             else:
                 _empty_cache(self.device)  # as before the placement policy moved: once per stage
 
+    def holds(self, role: str) -> bool:
+        """Whether the model of ``role`` is loaded (or built in memory)."""
+        return role in self._prebuilt or (self.files.path(role) is not None and self.store.holds(self.handle(role)))
+
     def release(self, role: str | None = None) -> None:
         """Drop one model (or all) so its memory is freed."""
-        for name in [role] if role else list(self._loaded):
-            self._loaded.pop(name, None)
-        gc.collect()
+        for name in [role] if role else list(self._prebuilt):
+            self._prebuilt.pop(name, None)
+        self.store.release(role)
         _empty_cache(self.device)
 
 

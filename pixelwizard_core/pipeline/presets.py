@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..registry import Registry
 
 # Wan2.2's default negative prompt (wan/configs/shared_config.py), used whenever none is given.
 WAN_NEGATIVE_PROMPT = (
@@ -46,17 +47,40 @@ LR_DEFAULTS = StageSettings(width=448, height=256, frames=121, steps=50, shift=5
 
 @dataclass(frozen=True)
 class HRPreset:
+    """An HR size with the reference's settings for it and the checkpoint trained for it."""
+
     width: int
     height: int
     steps: int
     shift: float
     decode_patches: int
+    checkpoint: str  # key of its HR checkpoint in the download table (download.MODEL_FILES)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
 
 
-HR_PRESETS = {
-    "2k": HRPreset(width=2560, height=1440, steps=4, shift=5.5, decode_patches=3),
-    "4k": HRPreset(width=3840, height=2144, steps=4, shift=5.8, decode_patches=4),
-}
+# The registry: the CLI's --resolution, the HR sampler node's combo, doctor's table and the download
+# command's items all list these. A new preset is one entry here plus its checkpoint's download entry.
+HR_PRESETS: Registry[HRPreset] = Registry("HR preset")
+HR_PRESETS.register("2k", HRPreset(width=2560, height=1440, steps=4, shift=5.5, decode_patches=3, checkpoint="2k"))
+HR_PRESETS.register("4k", HRPreset(width=3840, height=2144, steps=4, shift=5.8, decode_patches=4, checkpoint="4k"))
+
+
+def preset_for_size(width: int, height: int) -> HRPreset:
+    """The preset whose checkpoint serves ``width`` x ``height``: the one of that size, else the smallest
+    preset with at least as many pixels. Larger than every preset: ConfigError (never another preset's
+    checkpoint silently)."""
+    exact = [p for p in HR_PRESETS.values() if (p.width, p.height) == (width, height)]
+    covering = exact or sorted((p for p in HR_PRESETS.values() if p.pixels >= width * height),
+                               key=lambda p: p.pixels)
+    if not covering:
+        largest = max(HR_PRESETS.items(), key=lambda item: item[1].pixels)
+        raise ConfigError(f"no PixelWizard HR checkpoint is made for {width}x{height}: the largest preset is "
+                          f"{largest[0]} ({largest[1].width}x{largest[1].height}); choose a size up to that, or "
+                          "give an HR checkpoint yourself (--hr_ckpt)")
+    return covering[0]
 HR_STEP_RANGE = (2, 8)
 HR_CFG = 5.0
 

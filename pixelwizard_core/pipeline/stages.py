@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..doctor import dit_activation_bytes
 from ..errors import ConfigError
 from ..models.dit import WanDiT
 from ..models.hr import WanHRDiT
 from ..models.parallel import SequenceParallel
 from ..sampling import flow_schedule
 from .anchors import Anchor
-from .decode_budget import free_device_bytes
+from .memory import dit_activation_bytes, free_device_bytes
 from .loop import PreviewCallback, StepCallback, denoise, make_noise
 from .presets import LATENT_CHANNELS, StageSettings, check_size, check_stage, latent_frames
 from .text import TextConditioning

@@ -53,27 +53,13 @@ import torch
 
 from ..errors import ConfigError
 from ..models.vae import WanVAE
+from . import decode_budget
+from .tile_plan import AUTO_PATCHES, ORDERS, SCALE, Tile, axis_ranges, per_axis
 
 log = logging.getLogger("pixelwizard")
 
-SCALE = 16  # Wan2.2 VAE: 8x in the decoder, 2x in the unpatchify
-PATCH_DIMS = ("w", "h", "hw")
 BLEND_MODES = ("cosine", "reference")
-ORDERS = ("frame", "tile")
-AUTO_PATCHES = 0  # num_patches that asks for tiles chosen from free memory (decode_budget.py)
 WEIGHT_BITS = 12  # cosine weights are multiples of 2**-12: products of two fit float32's 24-bit mantissa
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One tile in latent coordinates: rows [r0, r1) and columns [c0, c1)."""
-
-    rows: tuple[int, int]
-    cols: tuple[int, int]
-
-    def pixels(self, scale: int = SCALE) -> tuple[slice, slice]:
-        """(row slice, column slice) of the tile in the decoded frame."""
-        return slice(self.rows[0] * scale, self.rows[1] * scale), slice(self.cols[0] * scale, self.cols[1] * scale)
 
 
 @dataclass
@@ -89,74 +75,6 @@ class BlendPlan:
     def to(self, device: torch.device | str) -> "BlendPlan":
         divisor = None if self.divisor is None else self.divisor.to(device)
         return BlendPlan(self.tiles, [m.to(device) for m in self.masks], divisor, self.height, self.width)
-
-
-# --------------------------------------------------------------------------------------------------
-# Planning
-
-
-def split_axis(length: int, num_patches: int, overlap: int) -> list[tuple[int, int]]:
-    """Latent ranges [start, stop) of ``num_patches`` pieces of an axis of ``length``, as the reference cuts."""
-    base = length // num_patches
-    ranges = []
-    for i in range(num_patches):
-        start = base * i
-        stop = length if i == num_patches - 1 else base * (i + 1)
-        if i > 0:
-            start = max(0, start - overlap)
-        if i < num_patches - 1:
-            stop = min(length, stop + overlap)
-        ranges.append((start, stop))
-    return ranges
-
-
-def _per_axis(value: int | Sequence[int], name: str, patch_dim: str) -> tuple[int, int]:
-    """(height, width) values of num_patches / overlap for a patch_dim."""
-    if patch_dim == "hw":
-        pair = (value, value) if isinstance(value, int) else tuple(value)
-        if len(pair) != 2:
-            raise ConfigError(f"{name} for patch_dim='hw' must be one int or (height, width), got {value!r}")
-    elif not isinstance(value, int):
-        raise ConfigError(f"{name} must be an int for patch_dim={patch_dim!r}, got {value!r}")
-    else:
-        pair = (value, 1 if name == "num_patches" else 0) if patch_dim == "h" else \
-            (1 if name == "num_patches" else 0, value)
-    for v in pair:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise ConfigError(f"{name} must be integer(s), got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-def plan_tiles(latent_hw: tuple[int, int], num_patches: int | Sequence[int] = 3, patch_dim: str = "w",
-               overlap: int | Sequence[int] = 3) -> list[Tile]:
-    """Tiles (row-major) for a latent of spatial size (h, w); validates the arguments.
-
-    ``patch_dim`` is ``"w"``, ``"h"`` or ``"hw"`` (a grid; then ``num_patches`` and ``overlap`` may be
-    (height, width) pairs). ``overlap`` is in latent columns (16 pixels each) added on each interior side.
-    """
-    row_ranges, col_ranges = _axis_ranges(latent_hw, num_patches, patch_dim, overlap)
-    return [Tile(rows, cols) for rows in row_ranges for cols in col_ranges]
-
-
-def _axis_ranges(latent_hw: tuple[int, int], num_patches: int | Sequence[int], patch_dim: str,
-                 overlap: int | Sequence[int]) -> list[list[tuple[int, int]]]:
-    if patch_dim not in PATCH_DIMS:
-        raise ConfigError(f"patch_dim must be one of {PATCH_DIMS} (split width, height or both), got {patch_dim!r}")
-    counts = _per_axis(num_patches, "num_patches", patch_dim)
-    overlaps = _per_axis(overlap, "overlap", patch_dim)
-    axis_ranges = []
-    for axis, length, n, ov in zip(("height", "width"), latent_hw, counts, overlaps):
-        if n < 1:
-            raise ConfigError(f"num_patches must be at least 1, got {n} along {axis} (only a decode's "
-                              "num_patches=0, one int, means automatic tiles)")
-        if n > length:
-            raise ConfigError(
-                f"num_patches={n} along {axis} is more than the latent's {length} {axis} positions "
-                f"({length * SCALE} pixels); use at most {length} patches (a few hundred pixels each is typical)")
-        if ov < 0:
-            raise ConfigError(f"overlap must be 0 or more latent positions, got {ov} along {axis}")
-        axis_ranges.append(split_axis(length, n, ov))
-    return axis_ranges
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +137,7 @@ def blend_plan(latent_hw: tuple[int, int], num_patches: int | Sequence[int] = 3,
     if blend not in BLEND_MODES:
         raise ConfigError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
     # Weights are built per axis by position index: two pieces of an axis can cover the same range.
-    row_ranges, col_ranges = _axis_ranges(latent_hw, num_patches, patch_dim, overlap)
+    row_ranges, col_ranges = axis_ranges(latent_hw, num_patches, patch_dim, overlap)
     tiles = [Tile(rows, cols) for rows in row_ranges for cols in col_ranges]
     grid = [(r, c) for r in range(len(row_ranges)) for c in range(len(col_ranges))]
     height, width = latent_hw[0] * SCALE, latent_hw[1] * SCALE
@@ -228,7 +146,7 @@ def blend_plan(latent_hw: tuple[int, int], num_patches: int | Sequence[int] = 3,
         col_w = cosine_axis_weights([(a * SCALE, b * SCALE) for a, b in col_ranges], width)
         masks = [row_w[r][:, None] * col_w[c][None, :] for r, c in grid]
         return BlendPlan(tiles, masks, None, height, width)
-    ov_h, ov_w = _per_axis(overlap, "overlap", patch_dim)
+    ov_h, ov_w = per_axis(overlap, "overlap", patch_dim)
     masks, divisor = [], torch.zeros(height, width, dtype=torch.float32)
     for tile, (r, c) in zip(tiles, grid):
         rows, cols = tile.pixels()
@@ -288,8 +206,6 @@ def _check_latent(latent: torch.Tensor) -> None:
 def _auto(vae: WanVAE, latent: torch.Tensor, overlap: int | Sequence[int], order: str, budget_bytes: int | None
           ) -> tuple[int | tuple[int, int], str, str]:
     """(num_patches, patch_dim, order) chosen for this latent on the VAE's device, now."""
-    from . import decode_budget  # here: decode_budget imports doctor, which imports this module
-
     choice = decode_budget.auto_tiles(tuple(latent.shape[-2:]), vae.device,
                                       vae_precision=decode_budget.vae_precision_of(vae.dtype), overlap=overlap,
                                       order=order, batch=latent.shape[0], cap_bytes=budget_bytes)

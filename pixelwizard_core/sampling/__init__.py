@@ -10,6 +10,7 @@ from .solvers import (
     UniPCInterval,
     UniPCSolver,
     make_solver,
+    solver_choices,
     unipc_intervals,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "classifier_free_guidance",
     "flow_schedule",
     "make_solver",
+    "solver_choices",
     "quantize_step_sizes",
     "shift_sigmas",
     "unipc_intervals",

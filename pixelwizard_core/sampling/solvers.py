@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
+from ..registry import Registry
 from .schedules import TRAIN_TIMESTEPS, Schedule
 
 Tensor = torch.Tensor
@@ -36,6 +37,7 @@ class Solver(ABC):
     """Common checks; subclasses implement ``_update`` on float32 tensors."""
 
     name: ClassVar[str]
+    needs_dt: ClassVar[bool] = False  # only for a model conditioned on the step size (the HR model)
 
     def __init__(self, schedule: Schedule) -> None:
         if not isinstance(schedule, Schedule):
@@ -77,6 +79,7 @@ class ShortcutSolver(Solver):
     """First-order step of length dt_i / 1000 (the step size the HR model was told), not the sigma gap."""
 
     name = "shortcut"
+    needs_dt = True  # its step length is the dt the HR model was told
 
     def _update(self, index: int, velocity: Tensor, sample: Tensor) -> Tensor:
         span = self.schedule.step_sizes[index].to(torch.float32) / TRAIN_TIMESTEPS
@@ -185,12 +188,19 @@ class UniPCSolver(Solver):
         return out
 
 
-SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (UniPCSolver, EulerSolver, ShortcutSolver)}
+# The registry, default first; the CLI, the sampler nodes and the presets take their choices from it.
+SOLVERS: Registry[type[Solver]] = Registry("solver")
+for _solver in (UniPCSolver, EulerSolver, ShortcutSolver):
+    SOLVERS.register(_solver.name, _solver)
+
+
+def solver_choices(hr: bool) -> tuple[str, ...]:
+    """Solvers a stage may use: every one for the HR stage; for the LR stage those that need no step size
+    told to the model (the base DiT is not conditioned on dt)."""
+    return tuple(name for name, cls in SOLVERS.items() if hr or not cls.needs_dt)
 
 
 def make_solver(name: str, schedule: Schedule) -> Solver:
-    """The solver called ``name`` ("unipc", "euler" or "shortcut") for ``schedule``."""
-    key = name.strip().lower() if isinstance(name, str) else None
-    if key not in SOLVERS:
-        raise ConfigError(f"unknown solver {name!r}: choose one of {', '.join(sorted(SOLVERS))}")
-    return SOLVERS[key](schedule)
+    """The solver called ``name`` (one of :data:`SOLVERS`) for ``schedule``."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    return SOLVERS.get(key)(schedule)
