@@ -34,7 +34,7 @@ from pixelwizard_core.models.hr import WanHRDiT  # noqa: E402
 from pixelwizard_core.models.vae import VAEConfig, WanVAE  # noqa: E402
 from pixelwizard_core.pipeline.handles import ModelHandle  # noqa: E402
 from pixelwizard_core.pipeline.presets import StageSettings, parse_resolution  # noqa: E402
-from pixelwizard_core.pipeline.runner import DecodeSettings  # noqa: E402
+from pixelwizard_core.pipeline.engine import DecodeSettings  # noqa: E402
 from pixelwizard_core.pipeline.text import TextConditioning  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from peak_memory import peak_extra_rss  # noqa: E402
 from pixelwizard_core.distributed.pool import WorkerPool  # noqa: E402
 from pixelwizard_core.models.vae import VAEConfig, WanVAE  # noqa: E402
 from pixelwizard_core.pipeline.handles import ModelHandle  # noqa: E402
-from pixelwizard_core.pipeline.runner import DecodeSettings  # noqa: E402
+from pixelwizard_core.pipeline.engine import DecodeSettings  # noqa: E402
 
 SETTINGS = DecodeSettings(num_patches=3, overlap=1)
 

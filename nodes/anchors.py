@@ -11,7 +11,7 @@ from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline.anchors import Anchor
 from pixelwizard_core.pipeline.jobs import output_path
 from pixelwizard_core.pipeline.presets import LR_DEFAULTS, StageSettings
-from pixelwizard_core.pipeline.stages import anchor_from_video, lr_anchor
+from pixelwizard_core.pipeline.stages import anchor_from_video
 from pixelwizard_core.sampling import solver_choices
 
 from . import host
@@ -68,14 +68,8 @@ class PixelWizardAnchorSampler:
         handle = lr_model or wan.dit
         if handle.role != "lr":
             raise ConfigError("lr_model is an HR checkpoint; connect lr/model.pt (stage 'lr') or nothing")
-        if pool is not None:
-            anchor = pool.acquire().lr_anchor(handle, conditioning, settings, seed, **host.pool_control("anchor"))
-        else:
-            progress = host.progress("anchor", previews=True)
-            with host.opened(handle) as dit:
-                anchor = lr_anchor(dit, conditioning, settings, seed, model_id=handle.identity, on_step=progress,
-                                   on_preview=progress.preview)
-            host.free_memory()
+        anchor = host.stages(pool).lr_anchor(handle, conditioning, settings, seed,
+                                             host.control("anchor", previews=True))
         return anchor, to_comfy_latent(anchor.latent)
 
 
@@ -92,7 +86,7 @@ class PixelWizardAnchorPreview:
                              "anchor": (PW_ANCHOR, {"tooltip": "from the anchor sampler or Anchor Load"})}}
 
     def preview(self, wan, anchor):
-        with host.opened(wan.vae) as vae:
+        with host.placed(wan.vae) as vae:
             video = vae.decode(anchor.latent, on_frame=host.progress("anchor preview"))
         return (to_image(video),)
 
@@ -194,5 +188,5 @@ class PixelWizardAnchorFromVideo:
         }}
 
     def encode(self, wan, frames, width, height, prompt):
-        with host.opened(wan.vae) as vae:
+        with host.placed(wan.vae) as vae:
             return (anchor_from_video(vae, frames, width, height, prompt=prompt),)

@@ -37,11 +37,7 @@ class PixelWizardTextEncode:
         negative_prompt = negative_prompt.strip() or WAN_NEGATIVE_PROMPT
         if positive is not None and negative is not None:
             return (TextConditioning(context_from_native(positive), context_from_native(negative), prompt, negative_prompt),)
-        if pool is not None:
-            text = pool.acquire().encode_text(wan.text, prompt, negative_prompt, **host.pool_control("text"))
-        else:
-            with host.opened(wan.text) as encoder:
-                text = encoder.conditioning(prompt, negative_prompt).to("cpu")
+        text = host.stages(pool).encode_text(wan.text, prompt, negative_prompt, host.control("text"))
         if positive is not None:
             text.positive = context_from_native(positive)
         if negative is not None:

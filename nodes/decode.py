@@ -6,14 +6,13 @@ import torch
 
 from pixelwizard_core.io.video import VideoWriter
 from pixelwizard_core.pipeline.jobs import output_path
-from pixelwizard_core.pipeline.runner import DecodeSettings
-from pixelwizard_core.pipeline.tiled_decode import tiled_decode_stream
+from pixelwizard_core.pipeline.engine import DecodeSettings
+from pixelwizard_core.pipeline.tile_plan import PATCH_DIMS
+from pixelwizard_core.pipeline.tiled_decode import BLEND_MODES
 
 from . import host
 from .anchors import to_image
 from .types import CATEGORY, PW_WAN, from_comfy_latent, pool_input
-
-PATCH_DIMS = ["w", "h", "hw"]
 
 
 def _decode_inputs() -> dict:
@@ -22,30 +21,19 @@ def _decode_inputs() -> dict:
         "latent": ("LATENT", {"tooltip": "Wan2.2 5B latent, e.g. from PixelWizard HR Sampler"}),
         "num_patches": ("INT", {"default": 3, "min": 0, "max": 16,
                                 "tooltip": "tiles per axis: 3 for 2K, 4 for 4K (reference); 0: as few as fit the GPU's free memory"}),
-        "patch_dim": (PATCH_DIMS, {"default": "w", "tooltip": "split along width, height, or both (grid)"}),
+        "patch_dim": (list(PATCH_DIMS), {"default": "w", "tooltip": PATCH_DIMS.choices_text()}),
         "overlap": ("INT", {"default": 3, "min": 0, "max": 32, "tooltip": "latent columns added on each inner tile side"}),
-        "blend": (["cosine", "reference"], {"default": "cosine", "tooltip": "cosine weights sum to 1; reference = the original masks"}),
+        "blend": (list(BLEND_MODES), {"default": "cosine", "tooltip": BLEND_MODES.choices_text()}),
     }
 
 
 def _stream(wan, latent: dict, num_patches: int, patch_dim: str, overlap: int, blend: str, order: str, pool=None):
-    """Decoded chunks [1, 3, n, H, W] in order; the VAE is on the device only while this runs. With a
-    pool the workers decode the tiles, in the same two orders: "frame" streams chunks of 1 then 4 frames
-    as every worker sends them (each worker holds all of its tiles' caches); "tile" has each worker decode
-    its tiles one at a time and the whole video comes back at once (it must fit in RAM)."""
-    normalised = from_comfy_latent(latent)
-    if pool is not None:
-        settings = DecodeSettings(num_patches=num_patches, patch_dim=patch_dim, overlap=overlap, blend=blend)
-        workers, control = pool.acquire(), host.pool_control("decode")
-        if order == "frame":
-            yield from workers.decode_stream(wan.vae, normalised, settings, **control)
-        else:
-            yield workers.decode(wan.vae, normalised, settings, **control)
-        return
-    with host.opened(wan.vae) as vae:
-        yield from tiled_decode_stream(vae, normalised, num_patches=num_patches, patch_dim=patch_dim, overlap=overlap,
-                                       blend=blend, order=order, on_step=host.progress("decode"))
-    host.free_memory()
+    """Decoded chunks [1, 3, n, H, W] in order, here (the VAE on the device only while this runs) or on the
+    pool's workers, in either order: "frame" streams chunks of 1 then 4 frames (every tile's cache on the
+    device, or each worker's share of them); "tile" decodes one tile at a time and the whole video is
+    blended in RAM."""
+    settings = DecodeSettings(num_patches=num_patches, patch_dim=patch_dim, overlap=overlap, blend=blend, order=order)
+    return host.stages(pool).decode_stream(wan.vae, from_comfy_latent(latent), settings, host.control("decode"))
 
 
 class PixelWizardTiledDecode:

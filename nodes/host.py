@@ -15,6 +15,9 @@ from pathlib import Path, PureWindowsPath
 
 import torch
 
+from pixelwizard_core.distributed.pool import PoolSpec
+from pixelwizard_core.distributed.pool_stages import PoolStages
+from pixelwizard_core.pipeline.engine import LocalStages, StageControl, Stages
 from pixelwizard_core.pipeline.handles import ModelHandle
 from pixelwizard_core.pipeline.store import SHARED_STORE
 from pixelwizard_core.system import resolve_device
@@ -90,6 +93,26 @@ def opened(handle: ModelHandle) -> Iterator[object]:
         yield model
 
 
+@contextlib.contextmanager
+def placed(handle: ModelHandle) -> Iterator[object]:
+    """:func:`opened`, then ComfyUI's cached GPU memory given back: the opener of the local stages."""
+    with opened(handle) as model:
+        yield model
+    free_memory()
+
+
+def stages(pool: PoolSpec | None) -> Stages:
+    """Where a node's stage runs: the connected multi-GPU pool's workers, else this process."""
+    return LocalStages(placed) if pool is None else PoolStages(pool)
+
+
+def control(label: str, previews: bool = False) -> StageControl:
+    """ComfyUI's progress bar, Cancel (also polled by a pool while no step ends) and, for the sampling
+    nodes, live latent previews."""
+    bar = progress(label, previews)
+    return StageControl(on_step=bar, on_preview=bar.preview, should_stop=check_interrupt)
+
+
 def check_interrupt() -> None:
     """Raise ComfyUI's interrupt exception when the user pressed Cancel (no-op outside ComfyUI)."""
     if _mm is not None:
@@ -124,11 +147,6 @@ class Progress:
 def progress(label: str, previews: bool = False) -> Progress:
     """Progress for a long node; ``previews``: also live latent previews (sampling nodes)."""
     return Progress(label, previews)
-
-
-def pool_control(label: str) -> dict:
-    """Progress and Cancel for a job on the multi-GPU pool: Cancel is also polled while no step ends."""
-    return {"on_step": progress(label), "should_stop": check_interrupt}
 
 
 def _latent_previewer():

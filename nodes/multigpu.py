@@ -25,7 +25,7 @@ class PixelWizardMultiGPU:
                                 "tooltip": "sequence-parallel degree: 1, or the number of GPUs (must divide 24: 2, 3, 4, 6, 8)"}),
             "dit_fsdp": ("BOOLEAN", {"default": False, "tooltip": "shard the DiT weights over the GPUs (about 10 GB less each)"}),
             "t5_fsdp": ("BOOLEAN", {"default": False, "tooltip": "shard the umT5 text encoder over the GPUs"}),
-            "backend": (list(BACKENDS), {"default": "auto", "tooltip": "auto: NCCL on CUDA, gloo (CPU processes) otherwise"}),
+            "backend": (list(BACKENDS), {"default": "auto", "tooltip": BACKENDS.choices_text()}),
         }, "optional": {
             "timeout_minutes": ("INT", {"default": 0, "min": 0, "max": 1440,
                                         "tooltip": "fail a stage that runs longer than this (0: no limit)"}),

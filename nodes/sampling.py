@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline.presets import HR_CFG, HR_PRESETS, StageSettings
-from pixelwizard_core.pipeline.stages import hr_latent
 from pixelwizard_core.sampling import solver_choices
 
 from . import host
@@ -57,12 +56,6 @@ class PixelWizardHRSampler:
         if preset != CUSTOM:
             width, height, shift = HR_PRESETS[preset].width, HR_PRESETS[preset].height, HR_PRESETS[preset].shift
         settings = StageSettings(width, height, anchor.frames, steps, shift, cfg, solver)
-        if pool is not None:
-            latent = pool.acquire().hr_latent(hr_model, anchor, conditioning, settings, seed, **host.pool_control("HR"))
-        else:
-            progress = host.progress("HR", previews=True)
-            with host.opened(hr_model) as model:
-                latent = hr_latent(model, anchor.latent, conditioning, settings, seed, on_step=progress,
-                                   on_preview=progress.preview)
-            host.free_memory()
+        latent = host.stages(pool).hr_latent(hr_model, anchor, conditioning, settings, seed,
+                                             host.control("HR", previews=True))
         return (to_comfy_latent(latent),)

@@ -25,7 +25,8 @@ from .pipeline.jobs import PromptJob, output_path, read_prompts
 from .pipeline.models import LOAD_MODES, ModelFiles, Models
 from .models.attention import attention_choices
 from .pipeline.presets import HR_CFG, HR_PRESETS, LR_DEFAULTS, StageSettings, check_stage, parse_resolution, prompt_seeds
-from .pipeline.runner import DecodeSettings, PixelWizard, StageStats
+from .pipeline.engine import DecodeSettings
+from .pipeline.runner import PixelWizard, StageStats
 from .pipeline.tile_plan import ORDERS, PATCH_DIMS
 from .pipeline.tiled_decode import BLEND_MODES
 from .sampling import solver_choices
@@ -106,12 +107,11 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
                    help="decode tiles per split axis; 0 (default) = automatic: the fewest that fit the GPU's free "
                         "memory (then --patch_dim is chosen and --decode_order frame may become tile), or on a "
                         "CPU the reference's (3 at 2K, 4 at 4K, else 1)")
-    g.add_argument("--patch_dim", choices=PATCH_DIMS, default="w")
+    g.add_argument("--patch_dim", choices=PATCH_DIMS, default="w", help=PATCH_DIMS.choices_text())
     g.add_argument("--overlap", type=int, default=3, help="latent columns added on each interior tile side")
-    g.add_argument("--blend", choices=BLEND_MODES, default="cosine")
+    g.add_argument("--blend", choices=BLEND_MODES, default="cosine", help=BLEND_MODES.choices_text())
     g.add_argument("--decode_order", choices=ORDERS, default="frame",
-                   help="frame: stream frames to the mp4 (little host memory); tile: one tile at a time "
-                        "into a host canvas (least GPU memory, as the reference)")
+                   help=ORDERS.choices_text())
     g.add_argument("--decode_budget_gib", type=float, default=0.0,
                    help="cap on the decode's memory beyond the VAE weights, in GiB per GPU (per process with "
                         "torchrun), used to choose automatic tiles and the order: min(cap, free memory); on a CPU "
@@ -213,10 +213,9 @@ def make_pipeline(args: argparse.Namespace, *roles: str) -> PixelWizard:
     models = make_models(args, *roles)
     if getattr(args, "ulysses_size", 1) > 1 or getattr(args, "dit_fsdp", False) or getattr(args, "t5_fsdp", False) \
             or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .distributed.launch import DistributedPixelWizard
+        from .distributed.launch import from_env
 
-        return DistributedPixelWizard.from_env(models, ulysses=args.ulysses_size, dit_fsdp=args.dit_fsdp,
-                                               t5_fsdp=args.t5_fsdp)
+        return from_env(models, ulysses=args.ulysses_size, dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp)
     return PixelWizard(models)
 
 
@@ -262,7 +261,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         latent = _run_with_bar(f"[{job.index}] HR {hr.width}x{hr.height}", pw.upscale, anchor, text, hr, hr_seed)
         if args.save_dir and pw.is_main:
             save_hr_latent(output_path(args.save_dir, str(job.output_index), ".safetensors", overwrite=args.overwrite),
-                           latent, _latent_metadata(job, anchor, hr, hr_seed), overwrite=args.overwrite)
+                           latent, _latent_metadata(job, anchor, hr, hr_seed, pw.identity("hr")),
+                           overwrite=args.overwrite)
         video = _decode_to(pw, latent, args, str(job.output_index), decode)
         log.info("[%d] %s -> %s (lr_seed %d, hr_seed %d)", job.index, pw.stats.summary(), video, lr_seed, hr_seed)
 
@@ -298,7 +298,8 @@ def cmd_upscale(args: argparse.Namespace) -> None:
         latent = _run_with_bar(f"{path.stem} HR {hr.width}x{hr.height}", pw.upscale, anchor, text, hr, hr_seed)
         job = PromptJob(1, anchor.prompt)
         saved = save_hr_latent(output_path(args.save_dir, path.stem, ".safetensors", overwrite=args.overwrite),
-                               latent, _latent_metadata(job, anchor, hr, hr_seed), overwrite=args.overwrite)
+                               latent, _latent_metadata(job, anchor, hr, hr_seed, pw.identity("hr")),
+                               overwrite=args.overwrite)
         if not args.latent_only:
             saved = _decode_to(pw, latent, args, path.stem, decode)
         log.info("%s: %s -> %s (hr_seed %d)", path.name, pw.stats.summary(), saved, hr_seed)
@@ -322,10 +323,11 @@ def _decode_to(pw: PixelWizard, latent: torch.Tensor, args: argparse.Namespace, 
     return _run_with_bar("decode", pw.decode, latent, path, decode, overwrite=args.overwrite, png_dir=png_dir)
 
 
-def _latent_metadata(job: PromptJob, anchor: Anchor, hr: StageSettings, hr_seed: int) -> dict:
+def _latent_metadata(job: PromptJob, anchor: Anchor, hr: StageSettings, hr_seed: int, hr_model: str) -> dict:
     return {"prompt": job.prompt, "prompt_id": job.prompt_id, "negative_prompt": anchor.negative_prompt,
             "lr_seed": anchor.seed, "seed": hr_seed, "width": hr.width, "height": hr.height, "frames": hr.frames,
-            "steps": hr.steps, "shift": hr.shift, "cfg": hr.cfg, "solver": hr.solver, "anchor_model": anchor.model}
+            "steps": hr.steps, "shift": hr.shift, "cfg": hr.cfg, "solver": hr.solver, "anchor_model": anchor.model,
+            "hr_model": hr_model}
 
 
 COMMANDS = {"generate": cmd_generate, "anchor": cmd_anchor, "upscale": cmd_upscale, "decode": cmd_decode}

@@ -35,7 +35,12 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            raise ConfigError(f"{self.what} {name!r}: choose one of {', '.join(self._entries)}") from None
+            raise ConfigError(f"{self.what} {name!r}: choose one of {self.choices_text()}") from None
+
+    def choices_text(self) -> str:
+        """The names, each with its description when the entries are descriptions (plain strings)."""
+        return ", ".join(f"{name} ({entry})" if isinstance(entry, str) else name
+                         for name, entry in self._entries.items())
 
     def check(self, name: str) -> str:
         """``name`` if registered, else ConfigError listing the choices."""

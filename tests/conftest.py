@@ -17,12 +17,16 @@ torch.set_num_threads(2)
 
 # The fast tier, `python -m pytest -q -m "not slow"`, leaves out what starts processes or runs for seconds:
 # these modules as a whole, and the tests named below (measured with --durations on 2 cores).
-SLOW_MODULES = {"test_pool.py", "test_distributed.py", "test_gpu_benchmark.py", "test_comfyui_integration.py"}
+# Spawning processes (pools, torchrun ranks) and training runs: CI runs them, the inner loop does not
+SLOW_MODULES = {"test_pool.py", "test_pool_portable.py", "test_distributed.py", "test_gpu_benchmark.py",
+                "test_comfyui_integration.py"}
 SLOW_TESTS = {
     "test_sequence_parallel_hr_forward_equals_single_process",
     "test_full_graph_on_a_two_process_pool_equals_the_local_graph",
     "test_compiled_blocks_give_the_same_velocity",
     "test_stages_apart_equal_generate_in_one_go",
+    "test_shortcut_training_makes_4_step_sampling_match_the_exact_flow",
+    "test_train_command_with_fsdp_on_two_processes",
 }
 
 

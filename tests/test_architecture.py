@@ -183,3 +183,80 @@ def test_file_identity_tells_same_named_checkpoints_apart(tmp_path):
     replaced = tmp_path / "diffusion_models" / "PixelWizard" / "2k" / "model.pt"
     replaced.write_bytes(bytes(999) + b"\x01")  # same size, other weights
     assert file_identity(replaced).digest != names["2k"].digest
+
+
+STAGE_METHODS = ("encode_text", "lr_anchor", "hr_latent", "decode_stream")
+
+
+def _stage_implementations() -> list[type]:
+    from pixelwizard_core.distributed.launch import TorchrunStages
+    from pixelwizard_core.distributed.pool_stages import PoolStages
+    from pixelwizard_core.pipeline.engine import LocalStages
+
+    return [LocalStages, PoolStages, TorchrunStages]
+
+
+@pytest.mark.parametrize("implementation", _stage_implementations(), ids=lambda cls: cls.__name__)
+def test_every_stage_implementation_has_the_protocols_signatures(implementation):
+    import inspect
+
+    from pixelwizard_core.pipeline.engine import Stages
+
+    for name in (*STAGE_METHODS, "share"):
+        ours, declared = inspect.signature(getattr(implementation, name)), inspect.signature(getattr(Stages, name))
+        assert list(ours.parameters) == list(declared.parameters), f"{implementation.__name__}.{name}"
+        for parameter in declared.parameters.values():
+            assert ours.parameters[parameter.name].default == parameter.default, f"{implementation.__name__}.{name}"
+    assert hasattr(implementation, "is_main")
+
+
+def test_the_nodes_never_branch_on_where_a_stage_runs():
+    """Each node asks ``host.stages(pool)`` once: no ``pool is None`` test and no pool method in a node."""
+    import ast
+
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        if path.name == "host.py":  # the one place that picks the implementation
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and any(isinstance(side, ast.Name) and side.id == "pool"
+                                                     for side in (node.left, *node.comparators)):
+                pytest.fail(f"{path.name}:{node.lineno} branches on the pool")
+            if isinstance(node, ast.Attribute) and node.attr == "acquire":
+                pytest.fail(f"{path.name}:{node.lineno} calls the pool directly")
+
+
+def test_local_stages_follow_the_step_control_and_record_the_model(tmp_path):
+    """The one-process implementation: the caller's on_step sees every step and can stop the stage,
+    and the anchor records its model's identity."""
+    import contextlib
+
+    from tiny_models import DIT
+
+    from pixelwizard_core.models.dit import WanDiT
+    from pixelwizard_core.pipeline.engine import LocalStages, StageControl
+    from pixelwizard_core.pipeline.handles import ModelHandle
+    from pixelwizard_core.pipeline.presets import StageSettings
+    from pixelwizard_core.pipeline.text import TextConditioning
+
+    torch.manual_seed(0)
+    dit = WanDiT(DIT).eval()
+
+    @contextlib.contextmanager
+    def opener(handle):
+        yield dit
+
+    stages = LocalStages(opener)
+    context = torch.randn(1, 8, DIT.text_dim)
+    text = TextConditioning(context, context.clone(), "p", "n")
+    settings = StageSettings(64, 32, 1, 3, 5.0, 5.0, "unipc")
+    steps = []
+    with torch.no_grad():
+        anchor = stages.lr_anchor(ModelHandle.in_memory("lr"), text, settings, 1,
+                                  StageControl(on_step=lambda done, total: steps.append((done, total))))
+    assert steps == [(1, 3), (2, 3), (3, 3)] and anchor.model == "memory:lr"
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        stages.lr_anchor(ModelHandle.in_memory("lr"), text, settings, 1, StageControl(on_step=stop))

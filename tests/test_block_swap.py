@@ -312,23 +312,24 @@ def test_cli_option_reaches_the_models(tiny_files):
 
 
 def test_session_and_torchrun_handles_swap_the_dits(tiny_files):
-    from pixelwizard_core.distributed.launch import DistributedPixelWizard
+    from pixelwizard_core.distributed.launch import TorchrunStages, from_env
     from pixelwizard_core.distributed.session import ParallelConfig, Session
+    from pixelwizard_core.pipeline.runner import PixelWizard
 
     files = ModelFiles(lr=tiny_files["lr"], hr=tiny_files["hr"])
     models = Models(files, device="cpu", dtype=torch.float32, block_swap=2, offload=False)
-    pw = DistributedPixelWizard(models, Session(ParallelConfig(), device="cpu"))
-    lr, hr = pw._handle("lr"), pw._handle("hr")
+    pw = PixelWizard(models, TorchrunStages(Session(ParallelConfig(), device="cpu")))
+    lr, hr = models.handle("lr"), models.handle("hr")
     assert (lr.memory_mode, lr.swap_blocks, hr.memory_mode, hr.swap_blocks) == ("block_swap", 2, "block_swap", 2)
     args, extra = tiny_inputs(hr=True)
     with torch.no_grad():
         expected = Models(files, device="cpu", dtype=torch.float32).use("hr").__enter__()(*args, **extra)
-        with pw.session._placed(hr) as model:
+        with pw.stages.session._placed(hr) as model:
             assert hooks_of(model) > 0
             assert torch.equal(model(*args, **extra), expected)
     assert hooks_of(model) == 0
     with pytest.raises(ConfigError, match="--block_swap 2 with --dit_fsdp"):
-        DistributedPixelWizard.from_env(models, dit_fsdp=True)
+        from_env(models, dit_fsdp=True)
 
 
 def test_doctor_has_a_block_swap_mode():

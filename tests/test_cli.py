@@ -9,6 +9,7 @@ from tiny_models import state_dicts, write_comfy, write_official, write_pixelwiz
 
 from pixelwizard_core.cli import main
 from pixelwizard_core.io.video import read_video
+from pixelwizard_core.loading.identity import file_identity
 from pixelwizard_core.pipeline.anchors import Anchor, load_hr_latent
 
 # small but complete: 5 frames (2 latent frames), 128x64 anchor, 256x128 HR video, 2 decode tiles
@@ -64,8 +65,11 @@ def test_stages_apart_equal_generate_in_one_go(weights, tmp_path):
     assert main(["upscale", *models, *HR, str(tmp_path / "anchors" / "0.safetensors"), "--latent_only",
                  "--save_dir", str(tmp_path / "latents")]) == 0
     apart, meta = load_hr_latent(tmp_path / "latents" / "0.safetensors")
-    together, _ = load_hr_latent(tmp_path / "one_latents" / "0.safetensors")
+    together, one_meta = load_hr_latent(tmp_path / "one_latents" / "0.safetensors")
     assert meta["seed"] == 10007 and torch.equal(apart, together)
+    hr_identity = str(file_identity(weights["pw"]["hr"]))
+    assert meta["hr_model"] == one_meta["hr_model"] == hr_identity  # the HR model is recorded, by content
+    assert meta["anchor_model"] == anchor.model == str(file_identity(weights["pw"]["lr"])) != hr_identity
     assert main(["decode", *models, *DECODE, str(tmp_path / "latents" / "0.safetensors"),
                  "--video_dir", str(tmp_path / "two"), "--png"]) == 0
     assert torch.equal(read_video(tmp_path / "two" / "0.mp4"), read_video(tmp_path / "one" / "0.mp4"))

@@ -28,7 +28,7 @@ from pixelwizard_core.pipeline.decode_budget import (
     free_device_bytes,
     preset_tiles,
 )
-from pixelwizard_core.pipeline.runner import DecodeSettings
+from pixelwizard_core.pipeline.engine import DecodeSettings
 from pixelwizard_core.pipeline.tile_plan import plan_tiles
 from pixelwizard_core.pipeline.tiled_decode import tiled_decode, tiled_decode_stream
 

@@ -25,7 +25,7 @@ from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.models.dit import DiTConfig, WanDiT
 from pixelwizard_core.models.hr import WanHRDiT
 from pixelwizard_core.pipeline.handles import ModelHandle, load
-from pixelwizard_core.pipeline.runner import DecodeSettings
+from pixelwizard_core.pipeline.engine import DecodeSettings
 from pixelwizard_core.pipeline.tiled_decode import tiled_decode
 
 # Two heads of 128 (the real head size), so Ulysses can split them over two processes.
@@ -222,18 +222,19 @@ STREAM_DECODE = {"num_patches": 3, "overlap": 1}  # 3 tiles: rank 0 decodes tile
 
 
 def _torchrun_decode_worker(rank: int, port: int, vae: str, latent_file: str, out: str, result: str) -> None:
-    """One rank of ``torchrun ... generate``'s decode (DistributedPixelWizard.decode, without the CLI around it):
+    """One rank of ``torchrun ... generate``'s decode (the driver over TorchrunStages, without the CLI around it):
     a decode that rank 1 interrupts, one whose output rank 0 refuses, one that rank 0 fails to write, then
     order "frame" and "tile", with a spy on the blending that records how many frames each call blends."""
     from pixelwizard_core.distributed import launch
     from pixelwizard_core.distributed.session import JobInterrupted, Session, init_process_group
     from pixelwizard_core.pipeline.models import ModelFiles, Models
+    from pixelwizard_core.pipeline.runner import PixelWizard
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     init_process_group("gloo", rank=rank, world_size=2, timeout_s=60)  # a rank left waiting fails in a minute
     try:
-        pw = launch.DistributedPixelWizard(Models(ModelFiles(vae=Path(vae)), device="cpu"), Session())
+        pw = PixelWizard(Models(ModelFiles(vae=Path(vae)), device="cpu"), launch.TorchrunStages(Session()))
         latent, folder, record = torch.load(latent_file), Path(out), {}
         blends, blend = [], launch.blend_tiles
 
@@ -244,14 +245,14 @@ def _torchrun_decode_worker(rank: int, port: int, vae: str, latent_file: str, ou
 
         launch.blend_tiles = spy
         steps = []
-        pw.session.should_stop = lambda: rank == 1 and len(steps) >= 2  # rank 1 stops in latent frame 1
+        pw.stages.session.should_stop = lambda: rank == 1 and len(steps) >= 2  # rank 1 stops in latent frame 1
         try:
             pw.decode(latent, folder / "stopped.mp4", DecodeSettings(**STREAM_DECODE),
                       on_step=lambda d, t: steps.append(d))
         except JobInterrupted as error:
             record["stopped"] = str(error)
         record["stop_steps"], record["stop_blends"] = steps, len(blends)
-        pw.session.should_stop = lambda: False
+        pw.stages.session.should_stop = lambda: False
         try:
             pw.decode(latent, folder / "refused.avi", DecodeSettings(**STREAM_DECODE))
         except ConfigError as error:
@@ -343,12 +344,13 @@ def _torchrun_budget_worker(rank: int, port: int, vae: str, latent_file: str, ou
     from pixelwizard_core.distributed import launch
     from pixelwizard_core.distributed.session import Session, init_process_group
     from pixelwizard_core.pipeline.models import ModelFiles, Models
+    from pixelwizard_core.pipeline.runner import PixelWizard
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     init_process_group("gloo", rank=rank, world_size=2, timeout_s=60)
     try:
-        pw = launch.DistributedPixelWizard(Models(ModelFiles(vae=Path(vae)), device="cpu"), Session())
+        pw = PixelWizard(Models(ModelFiles(vae=Path(vae)), device="cpu"), launch.TorchrunStages(Session()))
         latent, record = torch.load(latent_file), {}
         planned, blends = [], []
         plan, blend = launch.plan_for_latent, launch.blend_tiles

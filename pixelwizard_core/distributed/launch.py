@@ -1,8 +1,9 @@
 """``torchrun ... -m pixelwizard_core generate --ulysses_size N [--dit_fsdp] [--t5_fsdp]``.
 
 Every rank runs the command. The stages go through :class:`.session.Session`, the code the pool's workers
-run; this class only gives it the stage API of :class:`~pixelwizard_core.pipeline.runner.PixelWizard`, so
-the CLI's generate loop is the same for one process and for many. Rank 0 encodes the prompt (all ranks
+run; :class:`TorchrunStages` gives it the stage API (:class:`~pixelwizard_core.pipeline.engine.Stages`),
+so the command line's one driver (:class:`~pixelwizard_core.pipeline.runner.PixelWizard`) runs the same
+loop for one process and for many. Rank 0 encodes the prompt (all ranks
 with ``--t5_fsdp``) and shares it, all ranks sample together, each decodes its tiles and sends them to
 rank 0, which blends them and alone writes files. Works on one machine or several (torchrun's
 ``--nnodes`` / ``--rdzv_endpoint``); the GPU of a rank is its LOCAL_RANK.
@@ -31,19 +32,17 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, PixelWizardError
-from ..io.video import PngSequenceWriter, VideoWriter
+from ..errors import ConfigError
 from ..pipeline.anchors import Anchor
+from ..pipeline.engine import NO_CONTROL, DecodeSettings, StageControl
 from ..pipeline.handles import ModelHandle
-from ..pipeline.loop import StepCallback
 from ..pipeline.models import Models
 from ..pipeline.presets import StageSettings
-from ..pipeline.runner import DecodeSettings, PixelWizard
+from ..pipeline.runner import PixelWizard
 from ..pipeline.text import TextConditioning
 from ..pipeline.tile_plan import ORDERS
 from ..pipeline.tiled_decode import BlendPlan
@@ -53,49 +52,55 @@ from .tiles import blend_tiles, plan_for_latent
 log = logging.getLogger("pixelwizard")
 
 
-
 def launched_world_size() -> int:
     """The number of ranks torchrun started (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-class DistributedPixelWizard(PixelWizard):
-    """PixelWizard's stages run by every rank of a torchrun job (see the module docstring)."""
+def rank_device(requested: torch.device, world_size: int) -> torch.device:
+    """The device rule: in one process an explicit ``--device cuda:N`` wins; under torchrun with more than
+    one rank each rank takes ``cuda:$LOCAL_RANK`` (an index among the visible devices)."""
+    if requested.type != "cuda" or world_size == 1:
+        return requested
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
-    def __init__(self, models: Models, session: Session) -> None:
-        super().__init__(models)
+
+def from_env(models: Models, *, ulysses: int = 1, dit_fsdp: bool = False, t5_fsdp: bool = False) -> PixelWizard:
+    """The driver for this rank: joins (or reuses) the process group torchrun set up; every option is
+    checked before that."""
+    world, rank = launched_world_size(), int(os.environ.get("RANK", "0"))
+    config = ParallelConfig(ulysses, dit_fsdp, t5_fsdp)
+    if world == 1 and ulysses > 1:
+        raise ConfigError(f"--ulysses_size {ulysses} splits the work over {ulysses} processes: launch with "
+                          f"torchrun --nproc_per_node {ulysses} -m pixelwizard_core generate ...")
+    config.check(world)
+    if dit_fsdp and models.block_swap:
+        raise ConfigError(f"--block_swap {models.block_swap} with --dit_fsdp: FSDP already splits the DiTs' "
+                          "weights over the GPUs; use one or the other")
+    if models.files.lr is None and models.files.hr is None:
+        raise ConfigError("multi-process generation loads weight files in every process; it cannot use --demo")
+    for role in ("lr", "hr"):
+        if models.files.path(role) is not None:
+            check_model_degree(models.files.path(role), role, ulysses)
+    device = rank_device(models.device, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    models.device = device
+    if world > 1 and not dist.is_initialized():
+        init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                           device=device)
+        atexit.register(_destroy)
+    if rank != 0:  # one rank speaks for all
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+    return PixelWizard(models, TorchrunStages(Session(config, device=device, t5_cpu=models.t5_cpu)))
+
+
+class TorchrunStages:
+    """The stages run by every rank of a torchrun job (see the module docstring): rank 0 receives the
+    results; the others take part in the collectives."""
+
+    def __init__(self, session: Session) -> None:
         self.session = session
-
-    @classmethod
-    def from_env(cls, models: Models, *, ulysses: int = 1, dit_fsdp: bool = False,
-                 t5_fsdp: bool = False) -> "DistributedPixelWizard":
-        """Join (or reuse) the process group torchrun set up; every option is checked before that."""
-        world, rank = launched_world_size(), int(os.environ.get("RANK", "0"))
-        config = ParallelConfig(ulysses, dit_fsdp, t5_fsdp)
-        if world == 1 and ulysses > 1:
-            raise ConfigError(f"--ulysses_size {ulysses} splits the work over {ulysses} processes: launch with "
-                              f"torchrun --nproc_per_node {ulysses} -m pixelwizard_core generate ...")
-        config.check(world)
-        if dit_fsdp and models.block_swap:
-            raise ConfigError(f"--block_swap {models.block_swap} with --dit_fsdp: FSDP already splits the DiTs' "
-                              "weights over the GPUs; use one or the other")
-        if models.files.lr is None and models.files.hr is None:
-            raise ConfigError("multi-process generation loads weight files in every process; it cannot use --demo")
-        for role in ("lr", "hr"):
-            if models.files.path(role) is not None:
-                check_model_degree(models.files.path(role), role, ulysses)
-        device = models.device
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        models.device = device
-        if world > 1 and not dist.is_initialized():
-            init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                               device=device)
-            atexit.register(_destroy)
-        if rank != 0:  # one rank speaks for all
-            log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
-        return cls(models, Session(config, device=device, t5_cpu=models.t5_cpu))
 
     @property
     def is_main(self) -> bool:
@@ -104,76 +109,32 @@ class DistributedPixelWizard(PixelWizard):
     def share(self, value: object) -> object:
         return self.session.share(value)
 
-    def _handle(self, role: str) -> ModelHandle:
-        return self.models.handle(role)  # the same handle one process would use, so the same identity
+    def encode_text(self, handle: ModelHandle, prompt: str, negative_prompt: str | None = None,
+                    control: StageControl = NO_CONTROL) -> TextConditioning:
+        return self.session.share(self.session.encode_text(handle, prompt, negative_prompt))
 
-    def conditioning(self, prompt: str, negative_prompt: str | None = None) -> TextConditioning:
-        with self._stage("text"):
-            text = self.session.encode_text(self._handle("text"), prompt, negative_prompt)
-            return self.session.share(text)
+    def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int,
+                  control: StageControl = NO_CONTROL) -> Anchor:
+        self.session.progress = control.on_step
+        return self.session.lr_anchor(handle, text, settings, seed)
 
-    def anchor(self, text: TextConditioning, settings: StageSettings, seed: int,
-               on_step: StepCallback | None = None) -> Anchor:
-        self.session.progress = on_step
-        with self._stage("lr"):
-            return self.session.lr_anchor(self._handle("lr"), text, settings, seed)
+    def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
+                  seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:
+        self.session.progress = control.on_step
+        return self.session.hr_latent(handle, anchor.latent, text, settings, seed)
 
-    def upscale(self, anchor: Anchor, text: TextConditioning, settings: StageSettings, seed: int,
-                on_step: StepCallback | None = None) -> torch.Tensor:
-        self.session.progress = on_step
-        with self._stage("hr"):
-            return self.session.hr_latent(self._handle("hr"), anchor.latent, text, settings, seed)
-
-    def decode(self, latent: torch.Tensor, path: str | Path, settings: DecodeSettings, *,
-               overwrite: bool = False, png_dir: str | Path | None = None, on_step: StepCallback | None = None
-               ) -> Path:
-        """Each rank decodes its tiles; rank 0 blends them and writes the mp4 (and PNG frames), streamed
-        chunk by chunk for ``settings.order == "frame"`` (see the module docstring). Automatic tiles, and
-        frame order that does not fit, are resolved first from the smallest rank's usable memory."""
-        self.session.progress = on_step
-        with self._stage("decode"):
-            if settings.order not in ORDERS:
-                raise ConfigError(f"decode order {settings.order!r}: choose one of {', '.join(ORDERS)} (frame "
-                                  "streams the video to the files, tile decodes one whole tile at a time)")
-            handle = self._handle("vae")
-            # every rank: the same tiles and order, from the smallest rank's free memory (collective)
-            settings = self.session.resolve_decode(handle, latent, settings)
-            plan = plan_for_latent(latent, settings)
-            writers = self._open_writers(path, settings, overwrite, png_dir)
-            if settings.order == "tile":
-                chunks = self._whole_tiles(handle, latent, settings, plan)
-            else:
-                chunks = self._streamed(handle, latent, settings, plan)
-            if writers is None:  # not rank 0: decode and send, write nothing
-                with contextlib.closing(chunks):
-                    for _ in chunks:
-                        pass
-                return Path(path)
-            video, pngs = writers
-            with video, contextlib.closing(chunks):  # on an error: stop the other ranks, then drop the mp4
-                for chunk in chunks:
-                    video.append(chunk)
-                    if pngs is not None:
-                        pngs.append(chunk)
-                    del chunk
-            return Path(video.path)
-
-    def _open_writers(self, path: str | Path, settings: DecodeSettings, overwrite: bool,
-                      png_dir: str | Path | None) -> tuple[VideoWriter, PngSequenceWriter | None] | None:
-        """Rank 0's writers, opened (outputs checked) before any decoding; a refusal is raised on every
-        rank, so none starts a decode that rank 0 would never receive. None on the other ranks."""
-        writers, problem = None, None
-        if self.is_main:
-            try:
-                video = VideoWriter(path, fps=settings.fps, crf=settings.crf, overwrite=overwrite)
-                pngs = PngSequenceWriter(png_dir, overwrite=overwrite) if png_dir is not None else None
-                writers = (video, pngs)
-            except (PixelWizardError, OSError) as error:
-                problem = error
-        problem = self.session.share(problem)
-        if problem is not None:
-            raise problem
-        return writers
+    def decode_stream(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings,
+                      control: StageControl = NO_CONTROL) -> Iterator[torch.Tensor]:
+        """Each rank decodes its tiles; rank 0 blends them and yields the chunks (streamed for order
+        "frame"). Automatic tiles, and frame order that does not fit, are resolved first from the
+        smallest rank's usable memory (collective)."""
+        ORDERS.check(settings.order)
+        self.session.progress = control.on_step
+        settings = self.session.resolve_decode(handle, latent, settings)
+        plan = plan_for_latent(latent, settings)
+        if settings.order == "tile":
+            return self._whole_tiles(handle, latent, settings, plan)
+        return self._streamed(handle, latent, settings, plan)
 
     def _whole_tiles(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings,
                      plan: BlendPlan) -> Iterator[torch.Tensor]:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from ..errors import ConfigError, PixelWizardError
 from ..loading import load_t5_tokenizer
 from ..loading.folders import resolve
+from ..registry import Registry
 from ..models.parallel import check_degree
 from ..pipeline.anchors import Anchor
 from ..system import peak_rss_bytes
@@ -46,7 +47,7 @@ from ..pipeline.handles import load as load_handle
 from ..pipeline.placement import module_of
 from ..pipeline.store import ModelStore
 from ..pipeline.presets import StageSettings
-from ..pipeline.runner import DecodeSettings
+from ..pipeline.engine import DecodeSettings
 from ..pipeline.stages import hr_latent, lr_anchor
 from ..pipeline.text import TextConditioning, TextEncoder
 from ..pipeline.tiled_decode import BlendPlan
@@ -56,7 +57,11 @@ from .ulysses import UlyssesGroup
 log = logging.getLogger("pixelwizard")
 
 COMPONENTS = {"text": "t5", "lr": "dit", "hr": "hr_dit", "vae": "vae"}
-BACKENDS = ("auto", "nccl", "gloo")  # process-group backends: the pool, the Multi-GPU node and the CLI list these
+# Process-group backends: the pool, the Multi-GPU node and the CLI list these
+BACKENDS: Registry[str] = Registry("backend")
+BACKENDS.register("auto", "NCCL where torch has it and CUDA exists, else gloo")
+BACKENDS.register("nccl", "GPUs on Linux")
+BACKENDS.register("gloo", "CPU processes, and every platform")
 Progress = Callable[[int, int], None]
 
 

@@ -49,7 +49,7 @@ from ..pipeline.decode_budget import (
     effective_budget,
     preset_tiles,
 )
-from ..pipeline.runner import DecodeSettings
+from ..pipeline.engine import DecodeSettings
 from ..pipeline.tile_plan import AUTO_PATCHES, ORDERS, SCALE, Tile, plan_tiles
 from ..pipeline.tiled_decode import BlendPlan, blend_plan
 
@@ -99,9 +99,7 @@ def choose_rank_tiles(latent_hw: tuple[int, int], budget_bytes: int | None, worl
     * explicit ``num_patches``: kept; only frame order falls back to tile order when the rank's share
       does not fit (logged), with a warning when even one tile does not.
     """
-    if order not in ORDERS:
-        raise ConfigError(f"decode order {order!r}: choose one of {', '.join(ORDERS)} (frame streams the video, "
-                          "tile decodes one whole tile at a time)")
+    ORDERS.check(order)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size {world_size!r}: a split decode needs 1 or more ranks")
 
@@ -180,9 +178,7 @@ def plan_for_latent(latent: torch.Tensor, settings: DecodeSettings, *, world_siz
 
 def _check_settings(settings: DecodeSettings) -> None:
     """What no plan checks: the order and the memory cap (checked before any worker starts)."""
-    if settings.order not in ORDERS:
-        raise ConfigError(f"decode order {settings.order!r}: choose one of {', '.join(ORDERS)} (frame streams the "
-                          "video, tile decodes one whole tile at a time)")
+    ORDERS.check(settings.order)
     check_budget(settings.budget_bytes)
 
 

@@ -266,22 +266,31 @@ class DupUp3D(nn.Module):
         return out
 
 
+def _residual_stack(in_dim: int, out_dim: int, num_res_blocks: int, resample: str | None) -> nn.Sequential:
+    """A stage's residual blocks, then its Resample (``resample`` mode, or None when it keeps the size)."""
+    blocks: list[nn.Module] = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks)]
+    if resample is not None:
+        blocks.append(Resample(out_dim, resample))
+    return nn.Sequential(*blocks)
+
+
+def _run_stack(stack: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+    for block in stack:
+        x = block(x, cache)
+    return x
+
+
 class DownBlock(nn.Module):
     """Encoder stage: residual blocks (+ Resample down) plus an AvgDown3D shortcut (Down_ResidualBlock)."""
 
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, spatial: bool) -> None:
         super().__init__()
         self.avg_shortcut = AvgDown3D(in_dim, out_dim, factor_t=2 if temporal else 1, factor_s=2 if spatial else 1)
-        blocks: list[nn.Module] = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks)]
-        if spatial:
-            blocks.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
-        self.downsamples = nn.Sequential(*blocks)
+        resample = ("downsample3d" if temporal else "downsample2d") if spatial else None
+        self.downsamples = _residual_stack(in_dim, out_dim, num_res_blocks, resample)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        h = x
-        for block in self.downsamples:
-            h = block(h, cache)
-        return h.add_(self.avg_shortcut(x))
+        return _run_stack(self.downsamples, x, cache).add_(self.avg_shortcut(x))
 
 
 class UpBlock(nn.Module):
@@ -291,15 +300,11 @@ class UpBlock(nn.Module):
         super().__init__()
         self.avg_shortcut = (DupUp3D(in_dim, out_dim, factor_t=2 if temporal else 1, factor_s=2)
                              if spatial else None)
-        blocks: list[nn.Module] = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks)]
-        if spatial:
-            blocks.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d"))
-        self.upsamples = nn.Sequential(*blocks)
+        resample = ("upsample3d" if temporal else "upsample2d") if spatial else None
+        self.upsamples = _residual_stack(in_dim, out_dim, num_res_blocks, resample)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        h = x
-        for block in self.upsamples:
-            h = block(h, cache)
+        h = _run_stack(self.upsamples, x, cache)
         if self.avg_shortcut is None:
             return h
         return self.avg_shortcut.add_into(h, x, cache.first_chunk)

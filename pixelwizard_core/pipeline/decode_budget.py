@@ -114,8 +114,7 @@ def candidates(latent_hw: tuple[int, int], *, vae_precision: str, overlap: int =
                estimate: Estimate | None = None) -> list[TileChoice]:
     """Every allowed choice, most preferred first (see the module docstring). ``estimate``: the memory of
     one choice; default: one process's decode (``memory.decode_bytes``)."""
-    if order not in ORDERS:
-        raise ConfigError(f"order must be one of {ORDERS} (lockstep streaming, or one tile at a time), got {order!r}")
+    ORDERS.check(order)
     check_overlap(overlap)
     if estimate is None:
         height, width = latent_hw[0] * SCALE, latent_hw[1] * SCALE

@@ -36,6 +36,7 @@ DIT_ROLES = ("lr", "hr")
 # where 2K fits a 24 GB card), for copies the HR stage hides behind its compute and that cost the 448x256
 # anchor stage roughly 0.1 s per step over PCIe 4 (estimated, not measured).
 DEFAULT_SWAP_BLOCKS = 10
+IN_MEMORY = "memory:"  # the path prefix of a model built in memory (``generate --demo``), not read from a file
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,19 @@ class ModelHandle:
                               f"choose 1..{layers} (or 0 for the default, {DEFAULT_SWAP_BLOCKS})")
         return handle
 
+    @classmethod
+    def in_memory(cls, role: str, **options: object) -> "ModelHandle":
+        """A handle for a model built in memory (``generate --demo``): its opener holds the model."""
+        return cls(role, IN_MEMORY + role, **options)
+
+    @property
+    def is_in_memory(self) -> bool:
+        return self.path.startswith(IN_MEMORY)
+
     @property
     def identity(self) -> str:
         """The file's identity for metadata (path below its models folder, size, content digest)."""
-        return str(file_identity(self.path))
+        return self.path if self.is_in_memory else str(file_identity(self.path))
 
     @property
     def blocks_to_swap(self) -> int:

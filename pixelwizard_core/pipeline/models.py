@@ -170,23 +170,26 @@ class Models:
         """The handle of ``role``'s file with this run's options (what a worker process is sent too)."""
         if role not in ROLES:
             raise ConfigError(f"unknown model role {role!r}")
-        self.files.require(role)
         dtype = self.vae_dtype if role == "vae" else self.dtype
         swap = self._swap(role)
         mode = "block_swap" if swap else "offload" if self.offload else "gpu"
-        return ModelHandle(role, str(self.files.path(role)), precision=PRECISION_NAMES[dtype],
-                           attention=self.attention, memory_mode=mode, swap_blocks=swap,
-                           compile=self.compile_blocks)
+        options = dict(precision=PRECISION_NAMES[dtype], attention=self.attention, memory_mode=mode,
+                       swap_blocks=swap, compile=self.compile_blocks)
+        if role in self._prebuilt:
+            return ModelHandle.in_memory(role, **options)
+        self.files.require(role)
+        return ModelHandle(role, str(self.files.path(role)), **options)
 
     @contextlib.contextmanager
-    def use(self, role: str) -> Iterator[object]:
-        """The model of ``role`` on its working device for the duration of the block."""
-        if role in self._prebuilt:
+    def open(self, handle: ModelHandle) -> Iterator[object]:
+        """The model of ``handle`` on its working device for the duration of the block (then at its home,
+        or dropped in load mode "reload"): the opener of :class:`~.engine.LocalStages`."""
+        role = handle.role
+        if handle.is_in_memory:
             with on_device(self._prebuilt[role], self._work_device(role), home=self._home(role),
                            swap_blocks=self._swap(role)) as model:
                 yield model
             return
-        handle = self.handle(role)
         reload = self.load_mode == "reload"  # dropped after use: not worth moving back
         try:
             with self.store.use(handle, self._work_device(role), home=None if reload else self._home(role),
@@ -198,9 +201,15 @@ class Models:
             else:
                 _empty_cache(self.device)  # as before the placement policy moved: once per stage
 
+    def use(self, role: str) -> contextlib.AbstractContextManager[object]:
+        """The model of ``role`` on its working device for the duration of the block."""
+        return self.open(self.handle(role))
+
     def holds(self, role: str) -> bool:
         """Whether the model of ``role`` is loaded (or built in memory)."""
-        return role in self._prebuilt or (self.files.path(role) is not None and self.store.holds(self.handle(role)))
+        if role in self._prebuilt:
+            return True
+        return self.files.path(role) is not None and self.store.holds(self.handle(role))
 
     def release(self, role: str | None = None) -> None:
         """Drop one model (or all) so its memory is freed."""

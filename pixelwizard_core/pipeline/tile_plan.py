@@ -10,10 +10,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..registry import Registry
 
 SCALE = 16  # Wan2.2 VAE: 8x in the decoder, 2x in the unpatchify
-PATCH_DIMS = ("w", "h", "hw")
-ORDERS = ("frame", "tile")
+# Closed lists of the decode's options, name -> description (the CLI's help and the nodes' tooltips)
+PATCH_DIMS: Registry[str] = Registry("patch_dim")
+PATCH_DIMS.register("w", "tiles side by side along the width")
+PATCH_DIMS.register("h", "tiles stacked along the height")
+PATCH_DIMS.register("hw", "a grid of tiles over both")
+ORDERS: Registry[str] = Registry("decode order")
+ORDERS.register("frame", "all tiles in lockstep, frames streamed to the files")
+ORDERS.register("tile", "one whole tile at a time into a video in host memory, as the reference")
 AUTO_PATCHES = 0  # num_patches that asks for tiles chosen from free memory (decode_budget.py)
 # "frame": all tiles in lockstep, frames streamed (every tile's causal cache on the device); "tile": one
 # tile at a time into a host canvas (the reference). See tiled_decode.py.
@@ -76,8 +83,7 @@ def plan_tiles(latent_hw: tuple[int, int], num_patches: int | Sequence[int] = 3,
 
 def axis_ranges(latent_hw: tuple[int, int], num_patches: int | Sequence[int], patch_dim: str,
                  overlap: int | Sequence[int]) -> list[list[tuple[int, int]]]:
-    if patch_dim not in PATCH_DIMS:
-        raise ConfigError(f"patch_dim must be one of {PATCH_DIMS} (split width, height or both), got {patch_dim!r}")
+    PATCH_DIMS.check(patch_dim)
     counts = per_axis(num_patches, "num_patches", patch_dim)
     overlaps = per_axis(overlap, "overlap", patch_dim)
     axis_ranges = []

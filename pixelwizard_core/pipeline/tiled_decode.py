@@ -53,12 +53,15 @@ import torch
 
 from ..errors import ConfigError
 from ..models.vae import WanVAE
+from ..registry import Registry
 from . import decode_budget
 from .tile_plan import AUTO_PATCHES, ORDERS, SCALE, Tile, axis_ranges, per_axis
 
 log = logging.getLogger("pixelwizard")
 
-BLEND_MODES = ("cosine", "reference")
+BLEND_MODES: Registry[str] = Registry("blend")
+BLEND_MODES.register("cosine", "cosine ramps whose weights sum to 1")
+BLEND_MODES.register("reference", "the reference's masks")
 WEIGHT_BITS = 12  # cosine weights are multiples of 2**-12: products of two fit float32's 24-bit mantissa
 
 
@@ -134,8 +137,7 @@ def reference_axis_mask(size: int, ramp_length: int, leading: bool, trailing: bo
 def blend_plan(latent_hw: tuple[int, int], num_patches: int | Sequence[int] = 3, patch_dim: str = "w",
                overlap: int | Sequence[int] = 3, blend: str = "cosine") -> BlendPlan:
     """Tiles and their pixel weights (on CPU) for a latent of spatial size (h, w)."""
-    if blend not in BLEND_MODES:
-        raise ConfigError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
+    BLEND_MODES.check(blend)
     # Weights are built per axis by position index: two pieces of an axis can cover the same range.
     row_ranges, col_ranges = axis_ranges(latent_hw, num_patches, patch_dim, overlap)
     tiles = [Tile(rows, cols) for rows in row_ranges for cols in col_ranges]
@@ -182,8 +184,7 @@ def tiled_decode_stream(vae: WanVAE, latent: torch.Tensor, num_patches: int | Se
     Arguments are checked now, before any decoding.
     """
     _check_latent(latent)
-    if order not in ORDERS:
-        raise ConfigError(f"order must be one of {ORDERS} (lockstep streaming, or one tile at a time), got {order!r}")
+    ORDERS.check(order)
     if isinstance(num_patches, int) and not isinstance(num_patches, bool) and num_patches == AUTO_PATCHES:
         num_patches, patch_dim, order = _auto(vae, latent, overlap, order, budget_bytes)
     plan = blend_plan(tuple(latent.shape[-2:]), num_patches, patch_dim, overlap, blend)
