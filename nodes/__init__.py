@@ -14,6 +14,15 @@ from .loaders import PixelWizardCheckpointLoader, PixelWizardWanLoader
 from .multigpu import PixelWizardMultiGPU, PixelWizardPoolShutdown
 from .sampling import PixelWizardHRSampler
 
+from . import routes
+
+try:  # inside ComfyUI: the pack's routes and its /free hook (routes.py)
+    from server import PromptServer
+
+    routes.register(PromptServer.instance)
+except (ImportError, AttributeError):  # tests and scripts: no server
+    pass
+
 NODE_CLASS_MAPPINGS = {
     "PixelWizardWanLoader": PixelWizardWanLoader,
     "PixelWizardCheckpointLoader": PixelWizardCheckpointLoader,

@@ -22,6 +22,8 @@ from pixelwizard_core.pipeline.handles import ModelHandle
 from pixelwizard_core.pipeline.store import SHARED_STORE
 from pixelwizard_core.system import resolve_device
 
+from .comfy_memory import ComfyModelManager
+
 log = logging.getLogger("pixelwizard")
 
 try:  # inside ComfyUI
@@ -32,6 +34,9 @@ except ImportError:  # tests, scripts, worker processes
     _mm = _comfy_utils = _folder_paths = None
 
 IN_COMFYUI = _folder_paths is not None
+AUTO_MEMORY = "auto"  # the loaders' memory mode that follows ComfyUI's VRAM state (memory_mode)
+if _mm is not None:  # ComfyUI's model manager decides what sits on the GPU (nodes/comfy_memory.py)
+    SHARED_STORE.host = ComfyModelManager(_mm)
 MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders")
 
 
@@ -86,19 +91,29 @@ def device() -> torch.device:
 
 
 @contextlib.contextmanager
-def opened(handle: ModelHandle) -> Iterator[object]:
-    """The model of ``handle`` from the model store, on ComfyUI's device for the block, at its home after."""
+def placed(handle: ModelHandle, working_bytes: int = 0) -> Iterator[object]:
+    """The model of ``handle`` from the model store on ComfyUI's device for the block (ComfyUI first makes
+    room for it and ``working_bytes``), at its home after, then cached GPU memory given back: the opener of
+    the local stages."""
     work = device()
-    with SHARED_STORE.use(handle, work, home=handle.home(work)) as model:
-        yield model
-
-
-@contextlib.contextmanager
-def placed(handle: ModelHandle) -> Iterator[object]:
-    """:func:`opened`, then ComfyUI's cached GPU memory given back: the opener of the local stages."""
-    with opened(handle) as model:
+    with SHARED_STORE.use(handle, work, home=handle.home(work), working_bytes=working_bytes) as model:
         yield model
     free_memory()
+
+
+def lease(handle: ModelHandle) -> ModelHandle:
+    """``handle`` as a loader node outputs it: its model stays loaded while ComfyUI keeps the output."""
+    return SHARED_STORE.lease(handle)
+
+
+def memory_mode(choice: str) -> str:
+    """A loader's memory mode; "auto" follows ComfyUI's VRAM state: --highvram (and --gpu-only) keeps the
+    models on the GPU, --lowvram and --novram stream the DiTs' blocks, otherwise models go to the CPU when
+    their stage ends. Outside ComfyUI "auto" offloads."""
+    if choice != AUTO_MEMORY:
+        return choice
+    state = getattr(getattr(_mm, "vram_state", None), "name", "NORMAL_VRAM")
+    return {"HIGH_VRAM": "gpu", "LOW_VRAM": "block_swap", "NO_VRAM": "block_swap"}.get(state, "offload")
 
 
 def stages(pool: PoolSpec | None) -> Stages:

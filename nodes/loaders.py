@@ -12,8 +12,10 @@ from .types import CATEGORY, PW_STAGE_MODEL, PW_WAN, WanModels
 VAE_PRECISIONS = ["fp32", "bf16", "fp16"]
 
 # inputs both loaders share
-MEMORY_MODE_TOOLTIP = ("gpu: keep the model on the GPU; offload: move it to the CPU when its stage ends; block_swap: "
-                       "also stream the DiT's last swap_blocks blocks from CPU memory while it runs (small GPUs, same output)")
+MEMORY_MODE_TOOLTIP = ("auto: follow ComfyUI's VRAM setting (--highvram: gpu, --lowvram/--novram: block_swap, else offload); "
+                       "gpu: keep the model on the GPU; offload: move it to the CPU when its stage ends; block_swap: "
+                       "also stream the DiT's last swap_blocks blocks from CPU memory while it runs (small GPUs, same output). "
+                       "In every mode ComfyUI may move the models to the CPU when it needs the room (Unload models, other models)")
 SWAP_BLOCKS = ("INT", {"default": 0, "min": 0, "max": 30, "tooltip": f"block_swap only: DiT blocks (of 30) kept in CPU memory, "
                        f"about 0.33 GB each; 0 = {DEFAULT_SWAP_BLOCKS}"})
 ATTENTION_TOOLTIP = "auto: the fastest backend that runs here (flash-attn on CUDA when installed), else PyTorch SDPA"
@@ -25,7 +27,7 @@ def attention_input() -> tuple:
 
 
 def memory_mode_input() -> tuple:
-    return (list(MEMORY_MODES.names()), {"default": "gpu", "tooltip": MEMORY_MODE_TOOLTIP})
+    return ([host.AUTO_MEMORY, *MEMORY_MODES.names()], {"default": host.AUTO_MEMORY, "tooltip": MEMORY_MODE_TOOLTIP})
 
 
 COMPILE = ("BOOLEAN", {"default": False, "tooltip": "torch.compile the DiT blocks: the first sampling step compiles "
@@ -33,8 +35,13 @@ COMPILE = ("BOOLEAN", {"default": False, "tooltip": "torch.compile the DiT block
 
 
 def _options(precision: str, attention: str, memory_mode: str, swap_blocks: int = 0, compile: bool = False) -> dict:
-    return {"precision": precision, "attention": attention, "memory_mode": memory_mode, "swap_blocks": swap_blocks,
-            "compile": compile}
+    return {"precision": precision, "attention": attention, "memory_mode": host.memory_mode(memory_mode),
+            "swap_blocks": swap_blocks, "compile": compile}
+
+
+def _handle(role: str, path: object, options: dict) -> ModelHandle:
+    """A checked handle for the file, leased to this node's output (see host.lease)."""
+    return host.lease(ModelHandle.for_file(role, path, **options))
 
 
 class PixelWizardWanLoader:
@@ -74,9 +81,9 @@ class PixelWizardWanLoader:
             vae_path = host.model_path("vae", vae)
             text_path = host.model_path("text_encoders", text_encoder)
         return (WanModels(
-            dit=ModelHandle.for_file("lr", dit_path, **options),
-            vae=ModelHandle.for_file("vae", vae_path, **{**options, "precision": vae_precision}),
-            text=ModelHandle.for_file("text", text_path, **options),
+            dit=_handle("lr", dit_path, options),
+            vae=_handle("vae", vae_path, {**options, "precision": vae_precision}),
+            text=_handle("text", text_path, options),
         ),)
 
 
@@ -100,4 +107,4 @@ class PixelWizardCheckpointLoader:
 
     def load(self, checkpoint, stage, precision, attention, memory_mode, swap_blocks=0, compile=False):
         path = host.model_path("diffusion_models", checkpoint)
-        return (ModelHandle.for_file(stage, path, **_options(precision, attention, memory_mode, swap_blocks, compile)),)
+        return (_handle(stage, path, _options(precision, attention, memory_mode, swap_blocks, compile)),)

@@ -88,6 +88,22 @@ def _psutil_peak() -> int:
 DEVICE_CHOICES = ("auto", "cuda", "cuda:N", "mps", "cpu")
 
 
+def trim_host_memory() -> bool:
+    """Give freed heap memory back to the system where the C library keeps it (glibc: ``malloc_trim``; model
+    weights of a few MB each come from its heap, which otherwise keeps the pages after they are freed).
+    Whether anything was trimmed; a no-op elsewhere (Windows, macOS and musl return freed pages themselves
+    or have no such call)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())

@@ -243,7 +243,8 @@ def test_local_stages_follow_the_step_control_and_record_the_model(tmp_path):
     dit = WanDiT(DIT).eval()
 
     @contextlib.contextmanager
-    def opener(handle):
+    def opener(handle, working_bytes):
+        assert working_bytes > 0  # a DiT stage asks for room for its activations
         yield dit
 
     stages = LocalStages(opener)

@@ -105,6 +105,21 @@ def _write_models(models: Path, scratch: Path) -> None:
     files = write_pixelwizard(models / "diffusion_models" / "PixelWizard", states)
     (models / "diffusion_models" / "PixelWizard" / "4k").mkdir()
     shutil.copy(files["hr"], models / "diffusion_models" / "PixelWizard" / "4k" / "model.pt")
+    write_pixelwizard(models / "diffusion_models" / "PixelWizardBig", big_states())
+
+
+def big_states() -> dict:
+    """LR and HR DiTs of width 1024 (8 heads of 128, 2 blocks: about 160 MB each in float32), so the memory
+    they take is plain in the server's resident set."""
+    import dataclasses
+
+    from tiny_models import DIT, _weights
+
+    from pixelwizard_core.models.dit import WanDiT
+    from pixelwizard_core.models.hr import WanHRDiT
+
+    config = dataclasses.replace(DIT, dim=1024, ffn_dim=4096, num_heads=8)
+    return {"dit": _weights(WanDiT(config), 5), "hr": _weights(WanHRDiT(config), 6)}
 
 
 def _write_clip(path: Path) -> None:
@@ -316,6 +331,97 @@ def test_multi_gpu_workflow_runs_on_worker_processes_and_shuts_them_down(server)
     assert outputs[str(shutdown["id"])]["text"] == ["PixelWizard workers stopped"]
     log = server.log.read_text(errors="replace")
     assert "[pixelwizard worker 1]" in log and "shut down" in log  # the work ran in the workers
+
+
+def _rss(server: Server) -> int:
+    import psutil
+
+    return psutil.Process(server.process.pid).memory_info().rss
+
+
+def _free_and_wait(server: Server, body: dict) -> dict:
+    """POST /free, then wait until the pack's models route shows the effect (the prompt worker applies
+    /free between prompts, and collects garbage once it has)."""
+    status, _ = server.post("/free", body)
+    assert status == 200
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        held = server.get("/pixelwizard/models")
+        if not held["models"] or not body.get("free_memory"):
+            return held
+        time.sleep(0.5)
+    raise AssertionError(f"/free left {held}\n{server.log_tail()}")
+
+
+def test_comfyui_lists_our_models_and_free_gives_their_memory_back(server):
+    """The text-to-2K graph on width-1024 LR and HR DiTs: ComfyUI's model manager lists every model our
+    nodes loaded, and POST /free (unload models + free memory) gives at least 90% of their bytes back to the
+    system. The figures are written to the log for BENCHMARKS.md."""
+    _free_and_wait(server, {"unload_models": True, "free_memory": True})  # start from nothing of ours
+    graph = tiny_graph(prefix="big")
+    graph["2"]["inputs"]["checkpoint"] = "PixelWizardBig/lr/model.pt"
+    graph["3"]["inputs"]["checkpoint"] = "PixelWizardBig/2k/model.pt"
+    graph["7"]["inputs"].update(width=256, height=128)
+    server.run(graph)
+    held = server.get("/pixelwizard/models")
+    ours = sum(model["bytes"] for model in held["models"])
+    assert sorted(m["role"] for m in held["models"]) == ["hr", "lr", "text", "vae"]
+    assert all(model["listed_by_comfyui"] for model in held["models"]), held
+    assert ours > 300 * 2**20
+    before = _rss(server)
+    assert _free_and_wait(server, {"unload_models": True, "free_memory": True})["models"] == []
+    time.sleep(2)
+    after = _rss(server)
+    print(f"\nPixelWizard models {ours / 2**20:.0f} MiB; server RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB "
+          f"after /free (freed {(before - after) / 2**20:.0f} MiB = {(before - after) / ours:.0%} of the models)")
+    assert before - after >= 0.9 * ours
+
+
+EVICTION_CHECK = """
+import sys
+import torch
+sys.argv = ["main.py", "--cpu"]
+sys.path[:0] = [{pack!r}, {comfy!r}]  # the pack's `nodes` package before ComfyUI's nodes.py
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm
+from nodes.comfy_memory import ComfyModelManager
+from pixelwizard_core.loading.identity import FileIdentity
+from pixelwizard_core.pipeline.store import StoreKey
+
+manager = ComfyModelManager(mm)
+key = StoreKey("lr", FileIdentity("diffusion_models/x.safetensors", 1, "0"), "fp32", False)
+model = torch.nn.Linear(512, 512)
+manager.loaded(key, model)
+manager.before_use(key, model, mm.get_torch_device(), resident_bytes=512 * 513 * 4, working_bytes=2**20)
+assert manager.listed(key), "load_models_gpu did not list the model"
+entry = next(e for e in mm.current_loaded_models if e.model is manager.patchers[key])
+assert entry.model_memory() == 512 * 513 * 4 and entry.model.current_loaded_device() == mm.get_torch_device()
+unloaded = mm.free_memory(1e30, mm.get_torch_device())  # what a native model that needs the room triggers
+assert [e.model for e in unloaded] == [manager.patchers[key]] and not manager.listed(key)
+manager.before_use(key, model, mm.get_torch_device(), resident_bytes=512 * 513 * 4, working_bytes=0)
+manager.released(key)
+assert not mm.current_loaded_models, mm.current_loaded_models
+print("eviction ok")
+"""
+
+
+def test_comfyuis_model_manager_evicts_our_model_through_its_patcher(tmp_path):
+    """The real comfy.model_management (in a ComfyUI Python): load_models_gpu lists a model of ours with the
+    size we give, free_memory (what runs when a native model needs the room, or on Unload) evicts it through
+    our patcher, and a released model leaves ComfyUI's list."""
+    script = tmp_path / "evict.py"
+    script.write_text(EVICTION_CHECK.format(pack=str(ROOT), comfy=str(COMFYUI_ROOT)))
+    env = dict(os.environ)
+    if _needs_torchvision_stub():
+        stub = tmp_path / "stubs" / "torchvision"
+        for module in (stub / "__init__.py", stub / "transforms" / "__init__.py"):
+            module.parent.mkdir(parents=True, exist_ok=True)
+            module.write_text(TORCHVISION_STUB)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "stubs"), env.get("PYTHONPATH")]))
+    result = subprocess.run([COMFYUI_PYTHON, str(script)], cwd=COMFYUI_ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "eviction ok" in result.stdout, result.stdout + result.stderr
 
 
 def test_pick_an_anchor_workflow_both_steps(server):

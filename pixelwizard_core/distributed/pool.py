@@ -445,6 +445,11 @@ def parse_devices(text: str) -> int | tuple[int, ...]:
                           "(e.g. 0,1,3)") from None
 
 
+def running_pools() -> list[WorkerPool]:
+    """The pools of this process whose workers are running."""
+    return [pool for pool in list(_POOLS) if pool.alive]
+
+
 def shutdown_all() -> None:
     """Stop the workers of every pool of this process."""
     for pool in list(_POOLS):

@@ -17,8 +17,10 @@ from typing import ContextManager, Protocol
 import torch
 
 from .anchors import Anchor
+from .decode_budget import preset_tiles
 from .handles import ModelHandle
 from .loop import PreviewCallback, StepCallback
+from .memory import decode_bytes, dit_activation_bytes
 from .presets import FPS, StageSettings
 from .stages import hr_latent, lr_anchor
 from .text import TextConditioning
@@ -89,12 +91,24 @@ class Stages(Protocol):
         (nothing elsewhere); close the generator to stop early."""
 
 
-ModelOpener = Callable[[ModelHandle], ContextManager[object]]
+# (handle, working bytes the stage needs beyond the weights) -> the model on its working device for a block
+ModelOpener = Callable[[ModelHandle, int], ContextManager[object]]
+
+
+def decode_working_bytes(latent: torch.Tensor, settings: DecodeSettings, vae_precision: str) -> int:
+    """The decode's memory beyond the VAE weights with ``settings``' tiles (automatic: the reference's)."""
+    height, width = latent.shape[-2] * 16, latent.shape[-1] * 16
+    if settings.num_patches == 0 or not isinstance(settings.num_patches, int):
+        return preset_tiles(tuple(latent.shape[-2:]), vae_precision=vae_precision, overlap=3).estimate
+    return decode_bytes(width, height, num_patches=settings.num_patches, overlap=settings.overlap,
+                        patch_dim=settings.patch_dim, order=settings.order, vae_precision=vae_precision)
 
 
 class LocalStages:
-    """The stages in this process, on the models ``open_model(handle)`` places on the working device for
-    the duration of a stage (``Models.open`` for the command line, ``nodes/host.placed`` for ComfyUI)."""
+    """The stages in this process, on the models ``open_model(handle, working_bytes)`` places on the working
+    device for the duration of a stage (``Models.open`` for the command line, ``nodes/host.placed`` for
+    ComfyUI, whose model manager makes room for the weights and ``working_bytes``: the activations of one
+    CFG branch, or the decode's tiles, from the memory model)."""
 
     is_main = True
 
@@ -106,24 +120,25 @@ class LocalStages:
 
     def encode_text(self, handle: ModelHandle, prompt: str, negative_prompt: str | None = None,
                     control: StageControl = NO_CONTROL) -> TextConditioning:
-        with self.open_model(handle) as encoder:
+        with self.open_model(handle, 0) as encoder:
             return encoder.conditioning(prompt, negative_prompt).to("cpu")
 
     def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int,
                   control: StageControl = NO_CONTROL) -> Anchor:
-        with self.open_model(handle) as dit:
+        with self.open_model(handle, dit_activation_bytes(settings.tokens)) as dit:
             return lr_anchor(dit, text, settings, seed, model_id=handle.identity, on_step=control.on_step,
                              on_preview=control.on_preview)
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
                   seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:
-        with self.open_model(handle) as model:
+        with self.open_model(handle, dit_activation_bytes(settings.tokens)) as model:
             return hr_latent(model, anchor.latent, text, settings, seed, on_step=control.on_step,
                              on_preview=control.on_preview)
 
     def decode_stream(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings,
                       control: StageControl = NO_CONTROL) -> Iterator[torch.Tensor]:
-        with self.open_model(handle) as vae:
+        working = decode_working_bytes(latent, settings, handle.precision)
+        with self.open_model(handle, working) as vae:
             chunks = tiled_decode_stream(vae, latent, num_patches=settings.num_patches, patch_dim=settings.patch_dim,
                                          overlap=settings.overlap, blend=settings.blend, order=settings.order,
                                          on_step=control.on_step, budget_bytes=settings.budget_bytes)

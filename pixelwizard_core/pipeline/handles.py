@@ -9,7 +9,7 @@ process.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,6 +58,12 @@ class ModelHandle:
     mtime_ns: int = 0
     swap_blocks: int = 0
     compile: bool = False
+    # the lease of a host object that owns the model (store.ModelStore.lease); not part of what the handle
+    # means, and never sent to another process
+    owner: object = field(default=None, compare=False, hash=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name != "owner"}
 
     def __post_init__(self) -> None:
         MEMORY_MODES.check(self.memory_mode)

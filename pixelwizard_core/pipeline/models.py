@@ -181,7 +181,7 @@ class Models:
         return ModelHandle(role, str(self.files.path(role)), **options)
 
     @contextlib.contextmanager
-    def open(self, handle: ModelHandle) -> Iterator[object]:
+    def open(self, handle: ModelHandle, working_bytes: int = 0) -> Iterator[object]:
         """The model of ``handle`` on its working device for the duration of the block (then at its home,
         or dropped in load mode "reload"): the opener of :class:`~.engine.LocalStages`."""
         role = handle.role
@@ -193,7 +193,7 @@ class Models:
         reload = self.load_mode == "reload"  # dropped after use: not worth moving back
         try:
             with self.store.use(handle, self._work_device(role), home=None if reload else self._home(role),
-                                swap_blocks=self._swap(role)) as model:
+                                swap_blocks=self._swap(role), working_bytes=working_bytes) as model:
                 yield model
         finally:
             if reload:

@@ -109,3 +109,9 @@ def _move(module: nn.Module, device: torch.device, skip: Iterable[nn.Module] = (
                     owner._buffers[name] = buffer.to(device)
                     moved = True
     return moved
+
+
+def move_module(model: object, device: torch.device | str) -> bool:
+    """Move all of ``model``'s weights to ``device`` now (a host's memory manager evicting it); whether
+    anything moved. The CUDA cache is left to the caller (it may evict several models first)."""
+    return _move(module_of(model), _normalized(device))

@@ -8,16 +8,20 @@ the other. Placement between uses (gpu / offload / block swap) is not part of th
 by :func:`.placement.on_device` on every use.
 
 A host with its own memory manager (ComfyUI) plugs in through :class:`HostMemory`; the default does
-nothing, and the store manages placement itself.
+nothing, and the store manages placement itself. A host whose objects own models (ComfyUI's node
+outputs) takes :meth:`ModelStore.lease` d handles: a leased model leaves the store when the last handle
+leased for it is garbage (ComfyUI dropped the loader's output from its cache, or ``/free`` reset it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,7 +30,7 @@ import torch
 
 from ..loading.identity import FileIdentity, file_identity
 from .handles import ModelHandle, load
-from .placement import on_device
+from .placement import module_of, on_device
 
 log = logging.getLogger("pixelwizard")
 
@@ -54,8 +58,10 @@ class HostMemory(Protocol):
     def loaded(self, key: StoreKey, model: object) -> None:
         """A model entered the store."""
 
-    def before_use(self, key: StoreKey, model: object, device: torch.device) -> None:
-        """A model is about to be placed on ``device``: make room for it."""
+    def before_use(self, key: StoreKey, model: object, device: torch.device, *, resident_bytes: int,
+                   working_bytes: int) -> None:
+        """A model is about to be placed on ``device``, ``resident_bytes`` of its weights there (less than
+        all with block swap), and its stage to need ``working_bytes`` more: make room for both."""
 
     def released(self, key: StoreKey) -> None:
         """A model left the store."""
@@ -67,7 +73,8 @@ class NoHostMemory:
     def loaded(self, key: StoreKey, model: object) -> None:
         pass
 
-    def before_use(self, key: StoreKey, model: object, device: torch.device) -> None:
+    def before_use(self, key: StoreKey, model: object, device: torch.device, *, resident_bytes: int,
+                   working_bytes: int) -> None:
         pass
 
     def released(self, key: StoreKey) -> None:
@@ -83,8 +90,31 @@ class ModelStore:
         self.one_per_role = one_per_role
         self.host: HostMemory = host or NoHostMemory()
         self._models: dict[StoreKey, object] = {}
+        self._leases: dict[StoreKey, int] = {}  # live leased handles per key
         self._lock = threading.RLock()
         self.loaded_roles: list[str] = []  # roles loaded since the last reset (a job's report)
+
+    def lease(self, handle: ModelHandle) -> ModelHandle:
+        """``handle`` (equal to it) carrying a lease: the model loaded for it stays in the store while any
+        handle leased for the same key is alive, and leaves it when the last one is garbage."""
+        key = StoreKey.of(handle)
+        token = _Lease()
+        with self._lock:
+            self._leases[key] = self._leases.get(key, 0) + 1
+        weakref.finalize(token, self._lease_ended, key)
+        return dataclasses.replace(handle, owner=token)
+
+    def _lease_ended(self, key: StoreKey) -> None:
+        # runs inside the garbage collector: no gc.collect here, the model is freed when its last reference goes
+        with self._lock:
+            left = self._leases.get(key, 0) - 1
+            if left > 0:
+                self._leases[key] = left
+                return
+            self._leases.pop(key, None)
+            if self._models.pop(key, None) is not None:
+                self.host.released(key)
+                log.info("released %s model %s: nothing uses it any more", key.role, key.file.name)
 
     def get(self, handle: ModelHandle, home: torch.device, *, sharded: bool = False,
             loader: Loader = load) -> object:
@@ -111,12 +141,15 @@ class ModelStore:
 
     @contextlib.contextmanager
     def use(self, handle: ModelHandle, device: torch.device, *, home: torch.device | None,
-            swap_blocks: int | None = None, sharded: bool = False, loader: Loader = load) -> Iterator[object]:
+            swap_blocks: int | None = None, sharded: bool = False, loader: Loader = load,
+            working_bytes: int = 0) -> Iterator[object]:
         """The model on ``device`` for the block, back at ``home`` after (None: left where it ran, for a
-        caller that drops it next); ``swap_blocks`` None: the handle's."""
+        caller that drops it next); ``swap_blocks`` None: the handle's. ``working_bytes``: what the stage
+        needs beyond the weights (activations), for a host that makes room before placing the model."""
         model = self.get(handle, device if home is None else home, sharded=sharded, loader=loader)
-        self.host.before_use(StoreKey.of(handle, sharded), model, device)
         swap = handle.swap_for(model) if swap_blocks is None else swap_blocks
+        self.host.before_use(StoreKey.of(handle, sharded), model, device, resident_bytes=resident_bytes(model, swap),
+                             working_bytes=working_bytes)
         with on_device(model, device, home=home, swap_blocks=swap):
             yield model
 
@@ -137,6 +170,26 @@ class ModelStore:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class _Lease:
+    """The token a leased handle carries (see :meth:`ModelStore.lease`)."""
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def resident_bytes(model: object, swap_blocks: int) -> int:
+    """Weight bytes of ``model`` on its working device while it runs: all of them, or with block swap all
+    but the last ``swap_blocks`` blocks plus the two device slots they stream through."""
+    module = module_of(model)
+    total = tensor_bytes(module)
+    if not swap_blocks:
+        return total
+    swapped = [tensor_bytes(block) for block in list(module.blocks)[-swap_blocks:]]
+    return total - sum(swapped) + 2 * max(swapped)
 
 
 # The process-wide store of the ComfyUI nodes (every handle from every loader node).
