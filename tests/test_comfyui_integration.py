@@ -377,6 +377,18 @@ def test_comfyui_lists_our_models_and_free_gives_their_memory_back(server):
     assert before - after >= 0.9 * ours
 
 
+def test_free_stops_the_worker_pool(server):
+    """The multi-GPU workflow without its shutdown node leaves the workers running; the Unload button's
+    POST /free stops them (ComfyUI's model manager cannot see other processes)."""
+    from test_workflows import load
+
+    run_workflow(server, load("text_to_2k_video_multi_gpu"))
+    assert server.get("/pixelwizard/models")["pools"], "the workers should still be running"
+    _free_and_wait(server, {"unload_models": True})
+    assert server.get("/pixelwizard/models")["pools"] == []
+    assert "/free stops the multi-GPU worker processes" in server.log.read_text(errors="replace")
+
+
 EVICTION_CHECK = """
 import sys
 import torch
