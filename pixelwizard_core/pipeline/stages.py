@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from ..errors import ConfigError
 from ..models.dit import WanDiT
@@ -76,10 +77,10 @@ def lr_anchor(
 
 def resize_anchor(latent: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Bilinear resize of each anchor frame to the HR token grid (H/32, W/32), as the reference does."""
-    batch, channels, frames, h, w = latent.shape
-    per_frame = latent.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, h, w).float()
+    batch = latent.shape[0]
+    per_frame = rearrange(latent, "b c t h w -> (b t) c h w").float()
     resized = F.interpolate(per_frame, size=(height // 32, width // 32), mode="bilinear", align_corners=False)
-    return resized.reshape(batch, frames, channels, height // 32, width // 32).permute(0, 2, 1, 3, 4)
+    return rearrange(resized, "(b t) c h w -> b c t h w", b=batch)
 
 
 def check_anchor_fits(anchor_latent: torch.Tensor, settings: StageSettings) -> None:
@@ -136,7 +137,7 @@ def anchor_from_video(vae, frames: torch.Tensor, width: int, height: int, prompt
     if frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise ConfigError(f"expected video frames [F, H, W, 3], got {tuple(frames.shape)}")
     count = (frames.shape[0] - 1) // 4 * 4 + 1
-    video = frames[:count].permute(0, 3, 1, 2).float()
+    video = rearrange(frames[:count], "f h w c -> f c h w").float()
     video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    video = (video * 2 - 1).clamp(-1, 1).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
+    video = rearrange((video * 2 - 1).clamp(-1, 1), "f c h w -> 1 c f h w")
     return Anchor.from_latent(vae.encode(video.to(vae.device)).cpu(), model="video", prompt=prompt)
