@@ -9,6 +9,7 @@ import torch
 
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline.anchors import Anchor
+from pixelwizard_core.pipeline.first_frame import encode_first_frame
 from pixelwizard_core.pipeline.jobs import output_path
 from pixelwizard_core.pipeline.presets import LR_DEFAULTS, StageSettings
 from pixelwizard_core.pipeline.stages import anchor_from_video
@@ -60,16 +61,23 @@ class PixelWizardAnchorSampler:
                 "solver": (list(solver_choices(hr=False)), {"default": "unipc", "tooltip": "unipc as the reference; euler for comparison"}),
             },
             "optional": {"lr_model": (PW_STAGE_MODEL, {"tooltip": "PixelWizard lr/model.pt; default: the Wan2.2 base DiT"}),
-                         **pool_input("anchor stage")},
+                         **pool_input("anchor stage"),
+                         "start_image": ("IMAGE", {"tooltip": "image to video (TI2V): the video starts from this image, "
+                                                              "resized to cover the anchor size and center-cropped"})},
         }
 
-    def sample(self, wan, conditioning, width, height, frames, steps, shift, cfg, seed, solver, lr_model=None, pool=None):
+    def sample(self, wan, conditioning, width, height, frames, steps, shift, cfg, seed, solver, lr_model=None, pool=None,
+               start_image=None):
         settings = StageSettings(width, height, frames, steps, shift, cfg, solver)
         handle = lr_model or wan.dit
         if handle.role != "lr":
             raise ConfigError("lr_model is an HR checkpoint; connect lr/model.pt (stage 'lr') or nothing")
+        first = None
+        if start_image is not None:
+            with host.placed(wan.vae) as vae:
+                first = encode_first_frame(vae, start_image[0], width, height)  # the batch's first image
         anchor = host.stages(pool).lr_anchor(handle, conditioning, settings, seed,
-                                             host.control("anchor", previews=True))
+                                             host.control("anchor", previews=True), first_frame=first)
         return anchor, to_comfy_latent(anchor.latent)
 
 

@@ -119,3 +119,17 @@ def test_models_route_lists_what_the_nodes_hold(comfy_env):
     assert all(m["bytes"] > 0 and m["device_bytes"] == m["bytes"] for m in answer["models"])  # CPU is the device
     assert free_request_stops_pools({"unload_models": True}) and not free_request_stops_pools({})
     assert torch.device("cpu") == host.device()
+
+
+def test_anchor_sampler_starts_from_an_image(comfy_env):
+    """The Anchor Sampler's optional start_image (IMAGE [B, H, W, 3]) becomes the anchor's first frame."""
+    from pixelwizard_core.pipeline.first_frame import encode_first_frame
+
+    wan, lr = load_wan(), checkpoint("lr")
+    text = N["PixelWizardTextEncode"]().encode(wan, "a fox", "", None, None)[0]
+    image = torch.rand(1, 90, 160, 3)
+    anchor, latent = N["PixelWizardAnchorSampler"]().sample(wan, text, 128, 64, 5, 2, 5.0, 5.0, 1, "unipc", lr, None,
+                                                            image)
+    with host.placed(wan.vae) as vae, torch.no_grad():
+        first = encode_first_frame(vae, image[0], 128, 64)
+    assert torch.equal(anchor.latent[:, :, :1], first.latent) and latent["samples"].shape == (1, 48, 2, 4, 8)

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 from ..pipeline.anchors import Anchor
 from ..pipeline.engine import NO_CONTROL, DecodeSettings, StageControl
+from ..pipeline.first_frame import FirstFrame
 from ..pipeline.handles import ModelHandle
 from ..pipeline.models import Models
 from ..pipeline.presets import StageSettings
@@ -114,9 +115,9 @@ class TorchrunStages:
         return self.session.share(self.session.encode_text(handle, prompt, negative_prompt))
 
     def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int,
-                  control: StageControl = NO_CONTROL) -> Anchor:
+                  control: StageControl = NO_CONTROL, first_frame: FirstFrame | None = None) -> Anchor:
         self.session.progress = control.on_step
-        return self.session.lr_anchor(handle, text, settings, seed)
+        return self.session.lr_anchor(handle, text, settings, seed, first_frame)
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
                   seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:

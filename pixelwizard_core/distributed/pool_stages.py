@@ -11,8 +11,10 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import ConfigError
 from ..pipeline.anchors import Anchor
 from ..pipeline.engine import NO_CONTROL, DecodeSettings, StageControl
+from ..pipeline.first_frame import FirstFrame
 from ..pipeline.handles import ModelHandle
 from ..pipeline.presets import StageSettings
 from ..pipeline.text import TextConditioning
@@ -42,7 +44,10 @@ class PoolStages:
         return self.pool().encode_text(handle, prompt, negative_prompt, **_control(control))
 
     def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int,
-                  control: StageControl = NO_CONTROL) -> Anchor:
+                  control: StageControl = NO_CONTROL, first_frame: FirstFrame | None = None) -> Anchor:
+        if first_frame is not None:
+            raise ConfigError("a start image does not run on the multi-GPU pool yet: disconnect the pool (or the "
+                              "start image) from the Anchor Sampler")
         return self.pool().lr_anchor(handle, text, settings, seed, **_control(control))
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,

@@ -42,6 +42,7 @@ from ..models.parallel import check_degree
 from ..pipeline.anchors import Anchor
 from ..system import peak_rss_bytes
 from ..pipeline.memory import free_device_bytes
+from ..pipeline.first_frame import FirstFrame
 from ..pipeline.handles import PRECISIONS, ModelHandle
 from ..pipeline.handles import load as load_handle
 from ..pipeline.placement import module_of
@@ -240,11 +241,13 @@ class Session:
         with self._placed(_role(handle, "text")) as encoder:
             return encoder.conditioning(prompt, negative_prompt).to("cpu")
 
-    def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int) -> Anchor:
-        """The LR anchor, sampled by every rank together (the same result on each)."""
+    def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int,
+                  first_frame: FirstFrame | None = None) -> Anchor:
+        """The LR anchor, sampled by every rank together (the same result on each); ``first_frame``: a
+        start image's latent kept as its first frame."""
         self.check_stop("LR anchor", agree=True)
         with self._placed(_role(handle, "lr")) as dit:
-            return lr_anchor(dit, text, settings, seed, model_id=handle.identity, sp=self.sp,
+            return lr_anchor(dit, text, settings, seed, model_id=handle.identity, sp=self.sp, first_frame=first_frame,
                              on_step=self._callback("LR anchor", agree=True, report=self.is_main))
 
     def hr_latent(self, handle: ModelHandle, anchor_latent: torch.Tensor, text: TextConditioning,

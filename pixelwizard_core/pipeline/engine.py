@@ -18,6 +18,7 @@ import torch
 
 from .anchors import Anchor
 from .decode_budget import preset_tiles
+from .first_frame import FirstFrame
 from .handles import ModelHandle
 from .loop import PreviewCallback, StepCallback
 from .memory import decode_bytes, dit_activation_bytes
@@ -78,8 +79,9 @@ class Stages(Protocol):
         """Both CFG branches' umT5 context, on the CPU."""
 
     def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int,
-                  control: StageControl = NO_CONTROL) -> Anchor:
-        """The low-resolution anchor (its ``model`` records ``handle``'s file identity)."""
+                  control: StageControl = NO_CONTROL, first_frame: FirstFrame | None = None) -> Anchor:
+        """The low-resolution anchor (its ``model`` records ``handle``'s file identity); ``first_frame``: a
+        start image's latent kept as its first frame (TI2V)."""
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
                   seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:
@@ -124,10 +126,10 @@ class LocalStages:
             return encoder.conditioning(prompt, negative_prompt).to("cpu")
 
     def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int,
-                  control: StageControl = NO_CONTROL) -> Anchor:
+                  control: StageControl = NO_CONTROL, first_frame: FirstFrame | None = None) -> Anchor:
         with self.open_model(handle, dit_activation_bytes(settings.tokens)) as dit:
             return lr_anchor(dit, text, settings, seed, model_id=handle.identity, on_step=control.on_step,
-                             on_preview=control.on_preview)
+                             on_preview=control.on_preview, first_frame=first_frame)
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
                   seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:

@@ -14,6 +14,8 @@ StepCallback = Callable[[int, int], None]
 PreviewCallback = Callable[[torch.Tensor], None]
 # (latent batch [B, ...], context batch [B, rows, dim], step index) -> velocity [B, ...]
 ModelCall = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# the latent after each solver step -> the latent the next step starts from (a kept first frame put back)
+Constraint = Callable[[torch.Tensor], torch.Tensor]
 
 
 def make_noise(shape: tuple[int, ...], seed: int, device: torch.device | str) -> torch.Tensor:
@@ -54,18 +56,22 @@ def denoise(
     batch_cfg: bool = False,
     on_step: StepCallback | None = None,
     on_preview: PreviewCallback | None = None,
+    constraint: Constraint | None = None,
 ) -> torch.Tensor:
     """Integrate the flow from ``noise`` along ``schedule``; returns the clean latent (float32).
+    ``constraint``: applied to the start and after every step (the TI2V first frame, as the official loop).
 
     Nothing in the loop waits for the device (sigmas and solver coefficients are CPU numbers); only a
     preview callback that reads its tensor does."""
     stepper = make_solver(solver, schedule)
-    x = noise
+    x = noise if constraint is None else constraint(noise)
     for index in range(schedule.steps):
         velocity = guided_velocity(call, x, positive, negative, index, cfg, batch_cfg)
         if on_preview is not None:
             on_preview(x - float(schedule.sigmas[index]) * velocity)
         x = stepper.step(index, velocity, x)
+        if constraint is not None:
+            x = constraint(x)
         if on_step is not None:
             on_step(index + 1, schedule.steps)
     return x

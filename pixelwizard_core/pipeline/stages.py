@@ -12,6 +12,7 @@ from ..models.hr import WanHRDiT
 from ..models.parallel import SequenceParallel
 from ..sampling import flow_schedule
 from .anchors import Anchor
+from .first_frame import FirstFrame
 from .memory import dit_activation_bytes, free_device_bytes
 from .loop import PreviewCallback, StepCallback, denoise, make_noise
 from .presets import LATENT_CHANNELS, StageSettings, check_size, check_stage, latent_frames
@@ -53,26 +54,37 @@ def lr_anchor(
     on_step: StepCallback | None = None,
     on_preview: PreviewCallback | None = None,
     sp: SequenceParallel | None = None,
+    first_frame: FirstFrame | None = None,
 ) -> Anchor:
     """Sample the low-resolution anchor with the base DiT or the PixelWizard LR model (``sp``: tokens split
     over a sequence-parallel group, every rank calls this and gets the whole anchor). ``batch_cfg``: run
-    both CFG branches as one batch; None: when it fits the GPU's free memory (on a CPU: yes)."""
+    both CFG branches as one batch; None: when it fits the GPU's free memory (on a CPU: yes).
+    ``first_frame``: a start image's latent kept as latent frame 0 (TI2V, :mod:`.first_frame`)."""
     check_stage(settings, hr=False)
+    if first_frame is not None:
+        first_frame.check(settings.latent_shape)
     device = _device(dit)
     batch_cfg = _batch_cfg(batch_cfg, True, settings.tokens, device, sp)
     schedule = flow_schedule(settings.steps, settings.shift)
     timesteps = schedule.timesteps.to(device=device, dtype=torch.float32)
 
     def call(x: torch.Tensor, context: torch.Tensor, index: int) -> torch.Tensor:
-        return dit(x, timesteps[index].expand(x.shape[0]), context, sp=sp)
+        return dit(x, _step_timesteps(timesteps[index], x, first_frame), context, sp=sp)
 
     text = text.to(device)
     latent = denoise(call, make_noise(settings.latent_shape, seed, device), schedule, text.positive, text.negative,
                      cfg=settings.cfg, solver=settings.solver, batch_cfg=batch_cfg, on_step=on_step,
-                     on_preview=on_preview)
+                     on_preview=on_preview, constraint=None if first_frame is None else first_frame.constraint(device))
     return Anchor(latent=latent.cpu(), prompt=text.prompt, negative_prompt=text.negative_prompt, seed=seed,
                   width=settings.width, height=settings.height, frames=settings.frames, steps=settings.steps,
                   shift=settings.shift, cfg=settings.cfg, solver=settings.solver, model=model_id)
+
+
+def _step_timesteps(t: torch.Tensor, x: torch.Tensor, first_frame: FirstFrame | None) -> torch.Tensor:
+    """The step's timestep per sample [B], or per token [B, L] with a kept first frame (its tokens at 0)."""
+    if first_frame is None:
+        return t.expand(x.shape[0])
+    return FirstFrame.token_timesteps(t, tuple(x.shape[1:])).expand(x.shape[0], -1)
 
 
 def resize_anchor(latent: torch.Tensor, width: int, height: int) -> torch.Tensor:
