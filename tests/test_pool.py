@@ -1,6 +1,6 @@
 """The worker pool on CPU (2 gloo processes): results equal one process, models stay resident between
 jobs, interrupt, worker death, timeout, shutdown, the streamed decode, and nothing listening beyond
-loopback."""
+loopback. Hung workers on Cancel and failed jobs that keep the pool: tests/test_pool_faults.py."""
 
 from __future__ import annotations
 
@@ -16,13 +16,20 @@ import pytest
 import torch
 from test_distributed import BUDGET_LATENT, budget_cases, handles, one_thread, relative_error, write_weights
 
-from pixelwizard_core.distributed.pool import STREAM_AHEAD, JobInterrupted, JobTimeout, WorkerError, WorkerPool
+from pixelwizard_core.distributed.pool import (
+    STREAM_AHEAD,
+    JobFailed,
+    JobInterrupted,
+    JobTimeout,
+    WorkerError,
+    WorkerPool,
+)
 from pixelwizard_core.distributed.pool_stream import FrameAssembler
 from pixelwizard_core.distributed.tiles import resolve_settings
 from pixelwizard_core.errors import ConfigError
 from pixelwizard_core.pipeline.handles import ModelHandle, load
 from pixelwizard_core.pipeline.presets import StageSettings
-from pixelwizard_core.pipeline.runner import DecodeSettings
+from pixelwizard_core.pipeline.engine import DecodeSettings
 from pixelwizard_core.pipeline.stages import hr_latent, lr_anchor
 from pixelwizard_core.pipeline.tiled_decode import tiled_decode
 
@@ -117,6 +124,20 @@ def test_two_workers_equal_one_process_and_keep_their_models(pool, weights, sing
     with one_thread():
         expected = tiled_decode(load(weights["vae"], torch.device("cpu")), latent, num_patches=3, overlap=1)
     assert torch.equal(video, expected)
+
+
+def test_a_start_image_anchor_on_the_pool_equals_one_process(pool, weights, single):
+    """TI2V through the workers (Ulysses 2 + FSDP): the first frame crosses the transport, the anchor keeps it
+    and equals one process's within 1e-5."""
+    from pixelwizard_core.pipeline.first_frame import FirstFrame
+
+    shape = LR.latent_shape
+    first = FirstFrame(torch.randn(1, shape[0], 1, *shape[-2:], generator=torch.Generator().manual_seed(3)))
+    anchor = pool.lr_anchor(weights["lr"], single["text"], LR, 100, first_frame=first)
+    with one_thread():
+        expected = lr_anchor(load(weights["lr"], torch.device("cpu")), single["text"], LR, 100, first_frame=first)
+    assert torch.equal(anchor.latent[:, :, :1], first.latent)
+    assert relative_error(anchor.latent, expected.latent) <= 1e-5
 
 
 def test_each_worker_holds_half_of_the_sharded_blocks(pool, weights, single):
@@ -217,8 +238,10 @@ def test_dead_worker_fails_the_job_quickly_then_a_fresh_pool_runs(weights, singl
     moved.write_bytes(Path(weights["hr"].path).read_bytes())
     handle = ModelHandle.for_file("hr", moved, precision="fp32")
     moved.unlink()  # the file disappears after the graph was built
-    with pytest.raises(WorkerError, match="failed during hr_latent: MissingFileError: .*gone.pt does not exist"):
+    with pytest.raises(JobFailed, match="failed during hr_latent: MissingFileError: .*gone.pt does not exist"):
         pool.hr_latent(handle, single["anchor"], single["text"], HR, 0)
+    assert pool.alive  # every worker raised the same: they stay (tests/test_pool_faults.py)
+    pool.shutdown()
     assert children() <= before
 
     start = time.monotonic()
@@ -335,8 +358,9 @@ def test_streamed_decode_stops_on_interrupt_and_when_closed(pool, weights, long_
 
 
 def test_decode_to_video_node_streams_from_the_pool(pool, weights, long_latent, long_video):
-    """The decode nodes' chunk source with a pool: frame order streams the workers' chunks (tile order
-    still returns the whole video at once), both the local decode's frames."""
+    """The decode nodes' chunk source with a pool: frame order streams the workers' chunks, tile order has
+    the workers decode whole tiles and cuts the video blended here into the same chunks; both are the
+    local decode's frames."""
     from nodes.decode import _stream
     from pixelwizard_core.models.vae import denormalize_latent
 
@@ -345,9 +369,9 @@ def test_decode_to_video_node_streams_from_the_pool(pool, weights, long_latent, 
     chunks = list(_stream(wan, raw, 3, "w", 1, "cosine", "frame", spec))
     assert len(chunks) == STREAM_FRAMES and pool.last_report.job == "decode_stream"
     whole = list(_stream(wan, raw, 3, "w", 1, "cosine", "tile", spec))
-    assert len(whole) == 1 and pool.last_report.job == "decode_tiles"
-    assert torch.equal(torch.cat(chunks, dim=2), whole[0])
-    assert (whole[0] - long_video).abs().max() <= 1e-5  # the latent went through the node's conversion
+    assert len(whole) == STREAM_FRAMES and pool.last_report.job == "decode_tiles"
+    assert torch.equal(torch.cat(chunks, dim=2), torch.cat(whole, dim=2))
+    assert (torch.cat(whole, dim=2) - long_video).abs().max() <= 1e-5  # the latent went through the node's conversion
 
 
 def test_decode_budget_is_resolved_once_for_every_worker(pool, weights, monkeypatch):

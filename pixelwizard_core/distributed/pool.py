@@ -50,11 +50,19 @@ worker fits, and when none does it decodes whole tiles and yields the chunks of 
 Failure and control:
 
 * ``interrupt()`` (or ``should_stop`` returning True, polled every 0.1 s while a job runs) stops the job
-  after the current step or tile; the call raises :class:`JobInterrupted` and the pool stays usable.
-* A worker that dies (killed, out of memory, exception) fails the running call within about a second with
-  a :class:`WorkerError` that carries the worker's own message; the pool is then torn down (every worker
-  stopped, nothing left holding GPU memory) and the next call starts fresh workers. A call that exceeds
-  its timeout fails the same way (:class:`JobTimeout`).
+  after the current step or tile; the call raises :class:`JobInterrupted` and the pool stays usable. A
+  worker that has not stopped ``pool_rpc.SETTLE_S`` (5 s) later is taken as hung (a collective whose peer
+  is gone never returns): every worker is killed, the call raises at once (Cancel never waits for a
+  collective's 30-minute timeout), a warning says so, and the next call starts fresh workers.
+* A job that raises on a worker (a bad file, a wrong input) fails the call with :class:`JobFailed`, which
+  carries the worker's own message; when every worker ends the job and the process group is still in step
+  (one tiny all-reduce), the workers stay, their models loaded.
+* A worker that dies (killed, out of memory) or is left out of step fails the running call within about a
+  second with a :class:`WorkerError`; the pool is then torn down (every worker stopped, nothing left
+  holding GPU memory) and the next call starts fresh workers. A call that exceeds its timeout fails the
+  same way (:class:`JobTimeout`).
+* Each start removes the tensor folders of pools whose process is gone (killed with its workers, e.g. a
+  host's process group that got SIGTERM), see :func:`.transport.reclaim_stale_folders`.
 * ``shutdown()`` stops every worker; pools still running at interpreter exit are shut down by ``atexit``,
   and a worker whose parent disappears exits by itself.
 """
@@ -79,11 +87,12 @@ from ..errors import ConfigError
 from ..pipeline.anchors import Anchor
 from ..pipeline.handles import ModelHandle
 from ..pipeline.presets import StageSettings, check_stage
-from ..pipeline.runner import DecodeSettings
+from ..pipeline.engine import DecodeSettings
+from ..pipeline.first_frame import FirstFrame
 from ..pipeline.stages import check_anchor_fits
 from ..pipeline.text import TextConditioning
 from .pool_channel import resolve_pool_backend
-from .pool_processes import JobTimeout, LaunchConfig, Processes, WorkerError
+from .pool_processes import JobFailed, JobTimeout, LaunchConfig, Processes, WorkerError
 from .pool_rpc import Progress, Replies, Rpc, StopCheck
 from .pool_stream import STREAM_AHEAD as STREAM_AHEAD  # re-exported: callers read it from this module
 from .pool_stream import FrameAssembler, chunk_frames, stream_chunks
@@ -92,8 +101,8 @@ from .tiles import blend_tiles, needs_budget, plan_for_latent, resolve_settings
 
 log = logging.getLogger("pixelwizard")
 
-__all__ = ["WorkerPool", "PoolSpec", "WorkerError", "JobTimeout", "JobInterrupted", "acquire", "shutdown_all",
-           "parse_devices"]
+__all__ = ["WorkerPool", "PoolSpec", "WorkerError", "JobFailed", "JobTimeout", "JobInterrupted", "acquire",
+           "shutdown_all", "parse_devices"]
 
 
 @dataclass
@@ -181,13 +190,16 @@ class WorkerPool:
                          **control)[0]
 
     def lr_anchor(self, model: ModelHandle | str | Path, text: TextConditioning, settings: StageSettings,
-                  seed: int, **control) -> Anchor:
-        """The LR anchor, sampled by all workers together (Ulysses and/or FSDP)."""
+                  seed: int, first_frame: FirstFrame | None = None, **control) -> Anchor:
+        """The LR anchor, sampled by all workers together (Ulysses and/or FSDP); ``first_frame``: a start
+        image's latent kept as its first frame."""
         handle = as_handle(model, "lr")
         check_stage(settings, hr=False)
+        if first_frame is not None:
+            first_frame.check(settings.latent_shape)
         check_model_degree(handle.path, "lr", self.parallel.ulysses)
-        return self._run("lr_anchor", {"handle": handle, "text": text, "settings": settings, "seed": seed},
-                         **control)[0]
+        job = {"handle": handle, "text": text, "settings": settings, "seed": seed, "first_frame": first_frame}
+        return self._run("lr_anchor", job, **control)[0]
 
     def hr_latent(self, model: ModelHandle | str | Path, anchor: Anchor | torch.Tensor, text: TextConditioning,
                   settings: StageSettings, seed: int, **control) -> torch.Tensor:

@@ -26,17 +26,27 @@ from typing import NoReturn
 from ..errors import PixelWizardError
 from .pool_channel import Launcher, open_launcher, serve_rendezvous
 from .session import ParallelConfig
-from .transport import TRANSPORT_ENV, discard_files, receive, send, shared_folder, transport_mode
+from .transport import (
+    TRANSPORT_ENV,
+    discard_files,
+    reclaim_stale_folders,
+    receive,
+    send,
+    shared_folder,
+    transport_mode,
+)
 
 log = logging.getLogger("pixelwizard")
 
 POLL_S = 0.1
 STOP_GRACE_S = 5.0
+HUNG_GRACE_S = 1.0  # a worker that ignored a stop request already: SIGKILL after this
 WORKER_MODULE = "pixelwizard_core.distributed.worker"
 
 
 class WorkerError(PixelWizardError, RuntimeError):
-    """A worker failed or died; the pool has been torn down (the next call starts a fresh one)."""
+    """A worker failed or died. The pool has been torn down (the next call starts a fresh one), unless this
+    is a :class:`JobFailed`."""
 
     def __init__(self, message: str, worker_traceback: str = "") -> None:
         super().__init__(message)
@@ -45,6 +55,11 @@ class WorkerError(PixelWizardError, RuntimeError):
 
 class JobTimeout(WorkerError):
     """A job ran past its time limit; the pool has been torn down."""
+
+
+class JobFailed(WorkerError):
+    """A job raised on a worker (a bad file, a wrong input), and every worker came out of it in step: the
+    workers keep running with their models loaded."""
 
 
 @dataclass
@@ -110,6 +125,7 @@ class Processes:
         """Start one worker per device and send each its setup once it is connected; a worker that dies
         first, or the start timeout, raises (tear down on any exception)."""
         mode = self.mode = transport_mode()
+        reclaim_stale_folders()  # left by pools killed with their workers (nobody else removes them)
         self.folder = shared_folder()
         self.store, rendezvous = serve_rendezvous(mode, self.folder, len(config.device_ids), config.start_timeout)
         launcher = open_launcher(mode)
@@ -183,13 +199,14 @@ class Processes:
                 pass
         self.teardown()
 
-    def teardown(self) -> None:
-        """Stop every worker (terminate, then kill), reap it, and free the rendezvous and the files."""
+    def teardown(self, grace: float = STOP_GRACE_S) -> None:
+        """Stop every worker (terminate, then kill after ``grace`` seconds), reap it, and free the rendezvous
+        and the files."""
         workers, self.workers = self.workers, []
         for worker in workers:
             if worker.process.poll() is None:
                 worker.process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + grace
         for worker in workers:
             try:
                 worker.process.wait(max(0.0, deadline - time.monotonic()))

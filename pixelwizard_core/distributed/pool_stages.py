@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import ConfigError
 from ..pipeline.anchors import Anchor
 from ..pipeline.engine import NO_CONTROL, DecodeSettings, StageControl
 from ..pipeline.first_frame import FirstFrame
@@ -45,10 +44,7 @@ class PoolStages:
 
     def lr_anchor(self, handle: ModelHandle, text: TextConditioning, settings: StageSettings, seed: int,
                   control: StageControl = NO_CONTROL, first_frame: FirstFrame | None = None) -> Anchor:
-        if first_frame is not None:
-            raise ConfigError("a start image does not run on the multi-GPU pool yet: disconnect the pool (or the "
-                              "start image) from the Anchor Sampler")
-        return self.pool().lr_anchor(handle, text, settings, seed, **_control(control))
+        return self.pool().lr_anchor(handle, text, settings, seed, first_frame, **_control(control))
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
                   seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:

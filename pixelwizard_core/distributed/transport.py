@@ -13,32 +13,61 @@ The transport (see :mod:`.pool_channel` for the control connection it also selec
 and macOS and ``portable`` on Windows; the environment variable ``PIXELWIZARD_POOL_TRANSPORT=portable``
 forces the portable one anywhere (``pipe`` forces the POSIX one, ``auto`` or unset picks by platform).
 
-Only our own processes are at the other end of the socket, but unpickling still only resolves classes
-from torch, pixelwizard_core, pathlib and collections: a message can carry tensors, settings objects and
-plain data, never a reference to arbitrary code.
+Only our own processes are at the other end of the socket, but unpickling still resolves only the classes
+the protocol sends (:data:`PROTOCOL_CLASSES`, torch dtypes, a few builtins): a message can carry tensors,
+settings objects and plain data, never a reference to a function or to arbitrary code (``torch.hub.load``
+is as refused as ``os.system``).
+
+Each pool's folder is named after its owner (``pixelwizard-pool-<pid>-<start time>-*``), so a pool that
+starts can remove the folders of pools whose process is gone (:func:`reclaim_stale_folders`): a parent
+killed together with its workers cannot clean up after itself.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
+import logging
 import os
+import pathlib
 import pickle
+import re
+import shutil
 import sys
 import tempfile
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import psutil
 import torch
 
 from ..errors import ConfigError
+from ..pipeline.anchors import Anchor
+from ..pipeline.handles import ModelHandle
+from ..pipeline.presets import StageSettings
+from ..pipeline.engine import DecodeSettings
+from ..pipeline.first_frame import FirstFrame
+from ..pipeline.text import TextConditioning
+
+log = logging.getLogger("pixelwizard")
 
 INLINE_BYTES = 1 << 16
-_ALLOWED_MODULES = ("torch", "pixelwizard_core", "pathlib", "collections")
+# Every class a job's arguments, results and reports contain (worker.py lists the messages); tensors travel
+# by persistent id and need none. A job that sends a new class must add it here.
+PROTOCOL_CLASSES: tuple[type, ...] = (
+    ModelHandle, TextConditioning, StageSettings, Anchor, DecodeSettings, FirstFrame,
+    torch.Size, torch.device, collections.OrderedDict, pathlib.PurePosixPath, pathlib.PureWindowsPath,
+    pathlib.PosixPath, pathlib.WindowsPath,
+)
+_ALLOWED = frozenset((cls.__module__, cls.__qualname__) for cls in PROTOCOL_CLASSES)
 _ALLOWED_BUILTINS = {"slice", "complex", "set", "frozenset", "range", "bytearray"}
 _counter = itertools.count()
 TRANSPORT_ENV = "PIXELWIZARD_POOL_TRANSPORT"
 TRANSPORTS = ("auto", "pipe", "portable")
+FOLDER_PREFIX = "pixelwizard-pool-"
+PID_REUSE_MARGIN_MS = 30_000
+_OWNED = re.compile(re.escape(FOLDER_PREFIX) + r"(\d+)-(\d+)-")  # <pid>-<process start, ms since the epoch>-
 
 
 def transport_mode() -> str:
@@ -55,11 +84,65 @@ def transport_mode() -> str:
     return wanted
 
 
-def shared_folder(prefix: str = "pixelwizard-pool-") -> Path:
-    """A new private folder (mode 700) on a RAM file system when the machine has one."""
+def shared_root() -> Path:
+    """Where pool folders go: ``/dev/shm`` (a RAM file system) when the machine has one, else the
+    temporary folder."""
     shm = Path("/dev/shm")
-    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def shared_folder() -> Path:
+    """A new private folder (mode 700) in :func:`shared_root`, named after this process (see
+    :func:`reclaim_stale_folders`)."""
+    pid = os.getpid()
+    return Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{pid}-{_started_ms(pid)}-", dir=shared_root()))
+
+
+def reclaim_stale_folders(root: Path | None = None) -> list[Path]:
+    """Remove the pool folders in ``root`` (default :func:`shared_root`) whose owner process is gone: what
+    is left when a parent and its workers were killed together. Folders of live pools, of other users and
+    with names from before owners were recorded are kept. Returns the folders removed."""
+    removed = []
+    for folder in (root or shared_root()).glob(FOLDER_PREFIX + "*"):
+        owner = _OWNED.match(folder.name)
+        if owner is None or not folder.is_dir() or not _ours(folder):
+            continue
+        if _alive(int(owner.group(1)), int(owner.group(2))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    if removed:
+        log.info("removed %d stale worker-pool folder(s) whose process is gone: %s", len(removed),
+                 ", ".join(str(f) for f in removed))
+    return removed
+
+
+def _started_ms(pid: int) -> int:
+    """When process ``pid`` started, in ms since the epoch (0 if it cannot be read): with the pid it
+    names a process even after its pid is reused."""
+    try:
+        return int(psutil.Process(pid).create_time() * 1000)
+    except (psutil.Error, OSError):
+        return 0
+
+
+def _alive(pid: int, started_ms: int) -> bool:
+    """Whether the process that made a folder still runs (unsure counts as running)."""
+    try:
+        now = int(psutil.Process(pid).create_time() * 1000)
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, OSError):
+        return True
+    # A process started well after the folder's owner has only reused its pid. The margin absorbs the
+    # start time's rounding and clock adjustments (psutil derives it from the boot time).
+    return started_ms == 0 or now - started_ms <= PID_REUSE_MARGIN_MS
+
+
+def _ours(folder: Path) -> bool:
+    getuid = getattr(os, "getuid", None)  # Windows: the temporary folder is per user already
+    return getuid is None or folder.stat().st_uid == getuid()
 
 
 def _maps_files(mode: str | None) -> bool:
@@ -119,9 +202,11 @@ class _Unpickler(pickle.Unpickler):
         return tensor.view(shape)
 
     def find_class(self, module: str, name: str) -> object:
-        if module.split(".")[0] in _ALLOWED_MODULES or (module == "builtins" and name in _ALLOWED_BUILTINS):
+        if (module, name) in _ALLOWED or (module == "builtins" and name in _ALLOWED_BUILTINS) or \
+                (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"a pool message may not reference {module}.{name}")
+        raise pickle.UnpicklingError(f"a pool message may not reference {module}.{name} (only the classes in "
+                                     "transport.PROTOCOL_CLASSES, torch dtypes and plain data)")
 
 
 def _bytes_of(flat: torch.Tensor) -> memoryview:

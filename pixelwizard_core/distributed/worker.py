@@ -23,6 +23,10 @@ so the parent holds a bounded number of parts however long the video and however
 Replies: ``("ready", rank, pid)``, ``("progress", job, rank, done, total)``,
 ``("piece", job, rank, index, part)``, ``("done", job, rank, result, info)``,
 ``("interrupted", job, rank, message)`` and ``("error", job, rank, message, traceback)``.
+
+A job that raises is reported and the worker waits for the next one, its models still loaded; the parent
+decides whether the pool is still usable. The ``sync`` job, which the parent sends after such a failure,
+is answered here: an all-reduce of ones over every rank, the world size when the group is in step.
 """
 
 from __future__ import annotations
@@ -127,6 +131,34 @@ def _cpu_seconds() -> float:
     return times.user + times.system
 
 
+def in_step(session: Session) -> int:
+    """The ``sync`` job: the sum of one per rank, which only comes back (as the world size) when every rank
+    reaches this all-reduce as its next collective."""
+    if session.device.type == "cuda":  # a failed kernel can leave the device unusable: raise here, not next job
+        torch.ones(1, device=session.device).add_(1)
+        torch.cuda.synchronize(session.device)
+    if session.world_size == 1:
+        return 1
+    value = torch.ones(1, dtype=torch.int64)
+    dist.all_reduce(value, group=session.cpu_group)
+    return int(value.item())
+
+
+WORKER_JOBS = {"sync": in_step}  # answered here, not by the session
+
+
+def _call(session: Session, channel: Channel, job: int, name: str, kwargs: dict) -> object:
+    if name in WORKER_JOBS:
+        return WORKER_JOBS[name](session)
+    if name not in JOBS:
+        raise ValueError(f"unknown job {name!r}")
+    result = getattr(session, name)(**kwargs)
+    if name in STREAMED:
+        send_parts(channel, job, session.rank, result)
+        return None
+    return result
+
+
 def run_job(session: Session, channel: Channel, message: tuple) -> None:
     _, job, name, kwargs = message
     rank = session.rank
@@ -135,16 +167,11 @@ def run_job(session: Session, channel: Channel, message: tuple) -> None:
     session.progress = lambda done, total: channel.send(("progress", job, rank, done, total))
     start, cpu = time.perf_counter(), _cpu_seconds()
     try:
-        if name not in JOBS:
-            raise ValueError(f"unknown job {name!r}")
-        result = getattr(session, name)(**kwargs)
-        if name in STREAMED:
-            send_parts(channel, job, rank, result)
-            result = None
+        result = _call(session, channel, job, name, kwargs)
     except JobInterrupted as error:
         channel.send(("interrupted", job, rank, str(error)))
         return
-    except BaseException as error:  # reported, then the parent tears the pool down
+    except BaseException as error:  # reported; the worker stays for the next job unless the parent stops it
         log.error("job %s failed on rank %d: %s", name, rank, error)
         channel.send(("error", job, rank, f"{type(error).__name__}: {error}", traceback.format_exc()))
         return

@@ -1,22 +1,26 @@
 """Convert a trusted pickle checkpoint that ``weights_only=True`` refuses into a safetensors file.
 
     python -m pixelwizard_core.loading.convert IN.pt OUT.safetensors --trust-code [--section generator_ema]
+        [--overwrite]
 
 This is the one place where a pickle is unpickled with code execution allowed, and only when the user
 passes ``--trust-code`` for a file they trust. The written file holds one state dict (tensors only) and
-loads like any other weight file.
+loads like any other weight file. It is written under a temporary name next to OUT and renamed once
+complete, so OUT is never half-written; an existing OUT is only replaced with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import uuid
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from ..errors import ConfigError, WeightFormatError
+from ..errors import ConfigError, MissingFileError, PixelWizardError, WeightFormatError
 
 log = logging.getLogger("pixelwizard")
 
@@ -24,17 +28,17 @@ _PREFERRED_SECTIONS = ("generator", "generator_ema", "state_dict", "model")
 
 
 def convert_pickle_to_safetensors(src: str | Path, dst: str | Path, *, trust_code: bool,
-                                  section: str | None = None) -> int:
-    """Write the tensors of ``src`` (one section of it) to ``dst``; returns the number of tensors written."""
+                                  section: str | None = None, overwrite: bool = False) -> int:
+    """Write the tensors of ``src`` (one section of it) to ``dst``; returns the number of tensors written.
+    An existing ``dst`` is replaced only when ``overwrite``."""
     if not trust_code:
         raise ConfigError(
             "converting a pickle runs whatever code it contains: pass trust_code=True (--trust-code) only for a "
             "file from a source you trust."
         )
-    from safetensors.torch import save_file
-
-    obj = torch.load(Path(src), map_location="cpu", weights_only=False, mmap=True)
-    tensors = _pick_section(obj, section, src)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    _check_paths(src, dst, overwrite)  # before the (slow, code-running) load
+    tensors = _pick_section(_load_trusted(src), section, src)
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -42,9 +46,62 @@ def convert_pickle_to_safetensors(src: str | Path, dst: str | Path, *, trust_cod
         # safetensors refuses shared storage: give every tensor its own contiguous copy once.
         out[key] = tensor.clone().contiguous() if ptr in seen else tensor.contiguous()
         seen.add(ptr)
-    save_file(out, str(dst))
+    _write_atomically(out, dst, overwrite)
     log.info("wrote %d tensors from %s to %s", len(out), src, dst)
     return len(out)
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if not src.is_file():
+        raise MissingFileError(f"{src} does not exist (or is not a file): give the pickle checkpoint to convert")
+    if dst.is_dir():
+        raise ConfigError(f"{dst} is a folder: give the name of the .safetensors file to write")
+    if dst.exists() and not overwrite:
+        raise ConfigError(f"{dst} already exists: choose another name, delete it, or pass --overwrite")
+    if not dst.parent.is_dir():
+        raise ConfigError(f"the folder {dst.parent} does not exist: create it first")
+
+
+def _load_trusted(src: Path) -> object:
+    try:
+        return torch.load(src, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError) as exc:
+        raise WeightFormatError(f"{src} could not be read as a torch checkpoint ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}); it may be truncated or need code this Python does not have"
+                                ) from exc
+
+
+def _write_atomically(tensors: dict[str, torch.Tensor], dst: Path, overwrite: bool) -> None:
+    """Write to a hidden temporary sibling, flush it, then give it its name: ``dst`` is complete or absent.
+    (io.paths.publish does this for videos and latents; loading may not import io, see pyproject's layers.)"""
+    from safetensors.torch import save_file
+
+    temporary = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        save_file(tensors, str(temporary))
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())  # on disk before the name says the file is complete
+        _publish(temporary, dst, overwrite)
+    except OSError as exc:
+        raise ConfigError(f"could not write {dst}: {exc.strerror or exc}; check the folder's free space and "
+                          "permissions, or choose another folder") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _publish(temporary: Path, dst: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(temporary, dst)
+        return
+    try:
+        os.link(temporary, dst)  # fails, where a rename would replace, if dst appeared meanwhile
+    except FileExistsError:
+        raise ConfigError(f"{dst} was created by something else during the conversion; nothing was replaced. "
+                          "Choose another name or pass --overwrite") from None
+    except OSError:  # a file system without hard links
+        if dst.exists():
+            raise ConfigError(f"{dst} appeared during the conversion; nothing was replaced") from None
+        os.replace(temporary, dst)
 
 
 def _pick_section(obj: object, section: str | None, src: str | Path) -> Mapping[str, torch.Tensor]:
@@ -65,6 +122,7 @@ def _pick_section(obj: object, section: str | None, src: str | Path) -> Mapping[
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 when written, 2 with one message for a refusal or an unreadable file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
@@ -73,9 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         "--section", default=None,
         help="which state dict to write (default: generator, else generator_ema, else the top-level tensors)",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    convert_pickle_to_safetensors(args.src, args.dst, trust_code=args.trust_code, section=args.section)
+    try:
+        convert_pickle_to_safetensors(args.src, args.dst, trust_code=args.trust_code, section=args.section,
+                                      overwrite=args.overwrite)
+    except PixelWizardError as error:
+        log.error("error: %s", error)
+        return 2
+    except KeyboardInterrupt:  # the temporary file is already removed
+        log.error("stopped: %s was not written", args.dst)
+        return 130
     return 0
 
 

@@ -44,6 +44,7 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+_DAMAGED = "the file is damaged or was not written by a safetensors library: download or export it again"
 
 
 @dataclass(frozen=True)
@@ -127,19 +128,62 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             header = json.loads(f.read(n))
         except ValueError as exc:
             raise WeightFormatError(f"{path}: the safetensors header is not valid JSON ({exc}).") from exc
+    if not isinstance(header, dict):
+        raise WeightFormatError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object; "
+                                f"{_DAMAGED}")
     metadata = header.pop("__metadata__", None) or {}
     infos: dict[str, TensorInfo] = {}
     end = 0
     for key, entry in header.items():
-        dtype_name = entry["dtype"]
-        infos[key] = TensorInfo(tuple(int(s) for s in entry["shape"]), _ST_DTYPES.get(dtype_name, dtype_name))
-        end = max(end, int(entry["data_offsets"][1]))
+        infos[key], stop = _header_entry(path, key, entry)
+        end = max(end, stop)
     if 8 + n + end > size:
         raise WeightFormatError(
             f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size}. "
             "Download it again."
         )
     return infos, metadata
+
+
+def _header_entry(path: Path, key: str, entry: object) -> tuple[TensorInfo, int]:
+    """One tensor's header entry checked: its TensorInfo and where its data ends. A damaged header must
+    say so here, not fail later as a KeyError or inside the safetensors library."""
+    if not isinstance(entry, dict):
+        raise WeightFormatError(f"{path}: the safetensors header entry {key!r} is not an object; {_DAMAGED}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise WeightFormatError(f"{path}: the safetensors header entry {key!r} has no 'dtype'; {_DAMAGED}")
+    if not isinstance(shape, list) or not all(_whole(s) for s in shape):
+        raise WeightFormatError(f"{path}: the safetensors header entry {key!r} has no valid 'shape' "
+                                f"(got {shape!r}); {_DAMAGED}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_whole, offsets))
+            and offsets[0] <= offsets[1]):
+        raise WeightFormatError(f"{path}: the safetensors header entry {key!r} has no valid 'data_offsets' "
+                                f"(got {offsets!r}); {_DAMAGED}")
+    return TensorInfo(tuple(shape), _ST_DTYPES.get(dtype, dtype)), offsets[1]
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _safe_open(path: Path) -> Any:
+    """``safetensors.safe_open`` with its errors (a header the library rejects) turned into ours."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as exc:
+        raise WeightFormatError(f"{path} could not be opened as a safetensors file ({exc}); {_DAMAGED}") from None
+
+
+def _get_tensor(handle: Any, path: Path, key: str) -> torch.Tensor:
+    from safetensors import SafetensorError
+
+    try:
+        return handle.get_tensor(key)
+    except SafetensorError as exc:
+        raise WeightFormatError(f"{path}: tensor {key!r} could not be read ({exc}); {_DAMAGED}") from None
 
 
 class SafetensorsSource(TensorSource):
@@ -154,10 +198,8 @@ class SafetensorsSource(TensorSource):
 
     def read(self, key: str) -> torch.Tensor:
         if self._handle is None:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        return self._handle.get_tensor(key)
+            self._handle = _safe_open(self.path)
+        return _get_tensor(self._handle, self.path, key)
 
     def close(self) -> None:
         self._handle = None
@@ -203,11 +245,9 @@ class ShardedSafetensorsSource(TensorSource):
     def read(self, key: str) -> torch.Tensor:
         shard = self._shard_of[key]
         if shard != self._open_path:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(shard), framework="pt", device="cpu")
+            self._handle = _safe_open(shard)
             self._open_path = shard
-        return self._handle.get_tensor(key)
+        return _get_tensor(self._handle, shard, key)
 
     def describe(self) -> str:
         n = len(set(self._shard_of.values()))
@@ -270,6 +310,12 @@ class PickleCheckpoint:
 
 def open_pickle(path: Path) -> PickleCheckpoint:
     """Load a ``.pt``/``.pth`` with ``weights_only=True`` (memory-mapped when the file allows it)."""
+    if os.fspath(path).endswith(".safetensors"):  # torch.load goes by this name and hands it to safetensors
+        raise WeightFormatError(
+            f"{path} is a torch pickle checkpoint, not a safetensors file, although its name ends in .safetensors. "
+            f"Rename it to {path.with_suffix('.pt').name} and give that path, or download the real safetensors "
+            "file again."
+        )
     obj = _torch_load_safely(path)
     if not isinstance(obj, Mapping):
         raise WeightFormatError(

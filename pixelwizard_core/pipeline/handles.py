@@ -133,6 +133,9 @@ def check_kind(path: Path, role: str) -> WeightsInfo:
     the header says about the file."""
     component = ROLES[role]
     info = inspect_weights(path, component=component)
+    if info.component is None and info.problem:  # unreadable: the reader's diagnosis says what to do
+        where = "" if str(path) in info.problem else f"{path}: "
+        raise ConfigError(f"the {role} model file cannot be used: {where}{info.problem}")
     if info.component != component:
         found = info.component or "not a recognised weight file"
         raise ConfigError(f"{path} is {found!r}, but the {role} stage needs {component!r}: pick the right file")

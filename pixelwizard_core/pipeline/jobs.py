@@ -35,7 +35,7 @@ def read_prompts(prompt: str | None = None, prompt_file: str | Path | None = Non
     path = Path(prompt_file)
     if not path.is_file():
         raise ConfigError(f"prompt file {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in _read_text(path).splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"prompt file {path} has no prompts")
     if lines[0].lstrip().startswith("{"):
@@ -43,11 +43,24 @@ def read_prompts(prompt: str | None = None, prompt_file: str | Path | None = Non
     return [PromptJob(i, line.strip()) for i, line in enumerate(lines, start=1)]
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, with or without the byte order mark some editors write first (left in,
+    it would hide the '{' that marks a JSONL file)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"prompt file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at "
+                          f"offset {error.start}): save it with UTF-8 encoding") from None
+
+
 def _jsonl_job(index: int, line: str, path: Path) -> PromptJob:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path} line {index} is not valid JSON: {error}") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path} line {index} is a JSON {type(record).__name__}, not an object: write each line "
+                          'as {"prompt": "...", "negative_prompt": "..."}')
     text = next((record[k] for k in ("text", "prompt", "caption") if record.get(k)), None)
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{path} line {index} has no 'text', 'prompt' or 'caption'")
