@@ -15,6 +15,10 @@ preset's tiles along the width, overlap 3; ``order`` frame and tile), all for 12
 after a few steps and the full stage is extrapolated. Memory by stage: weights, inputs, peak, activations,
 and for the decode its causal caches and transient.
 
+Then, once per run, the DiT's CUDA paths (``cuda_paths``): graphs per compiled DiT block for each attention
+backend (``torch._dynamo.explain``), page-locked host bytes per swapped block (planned and measured), and
+one HR step at the LR size for sdpa / flash / sage where each runs, eager and compiled (compiled on CUDA).
+
 Budget: ``--budget-s`` (default 450 on CUDA, none on the CPU) bounds the run; what does not fit is reported
 as skipped. Out-of-memory errors are caught per stage and mode, reported as "OOM at X GiB", and the run
 goes on. The JSON is rewritten after every stage, so a run cut short keeps what it did.

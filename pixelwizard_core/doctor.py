@@ -21,7 +21,7 @@ import torch
 
 from . import download as dl
 from .errors import PixelWizardError
-from .pipeline.memory import GIB, PROFILES, estimate_memory
+from .pipeline.memory import GIB, PROFILES, estimate_memory, pinned_host_bytes, swapped_block_layout
 from .pipeline.presets import HR_PRESETS, LR_DEFAULTS
 from .system import device_kind, resolve_device, rocm_version, unified_memory
 
@@ -270,11 +270,26 @@ def check_memory(report: Report, frames: int) -> None:
                                blocking=True))
 
 
+def check_pinned_memory() -> Check:
+    """The host RAM the block_swap profile page-locks (both DiTs' swapped blocks, also while they wait on the
+    CPU), against this machine's RAM: page-locked memory cannot be swapped out."""
+    import psutil
+
+    profile = PROFILES["block_swap"]
+    pinned, total = pinned_host_bytes(profile.swap_blocks), psutil.virtual_memory().total
+    block = swapped_block_layout().nbytes
+    return Check("Host memory", "pinned RAM (block_swap)", pinned <= total / 2,
+                 f"{pinned / GIB:.1f} GiB page-locked (2 DiTs x {profile.swap_blocks} blocks of {block / 2**20:.0f} MiB, "
+                 f"one buffer each) of {total / GIB:.0f} GiB RAM",
+                 "stream fewer blocks (--block_swap N) or use the lowvram profile")
+
+
 def run_checks(models_dir: str | Path | None = None, frames: int = LR_DEFAULTS.frames) -> Report:
     """Run every check (a few seconds; nothing is downloaded) and return the report."""
     root = Path(models_dir).expanduser() if models_dir else dl.default_models_dir()
     report = Report(_versions(), _gpus(), models_dir=str(root))
     check_memory(report, frames)
+    report.checks.append(check_pinned_memory())
     report.checks += check_attention()
     report.checks.append(check_ffmpeg())
     report.checks += check_models(root)

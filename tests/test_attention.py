@@ -12,7 +12,8 @@ from pixelwizard_core.models import attention as attn
 from pixelwizard_core.models.rope import apply_rope, axis_pairs, rope_cos_sin
 
 
-def test_auto_picks_sdpa_without_cuda_and_flash_is_refused_clearly():
+def test_auto_picks_sdpa_without_cuda_and_flash_is_refused_clearly(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu = torch.device("cpu")
     assert attn.resolve_backend("auto", cpu) == "sdpa"
     assert attn.resolve_backend("sdpa", cpu) == "sdpa"
@@ -30,20 +31,23 @@ def test_sdpa_equals_explicit_softmax_and_k_len_masks_padded_keys(generator):
     torch.testing.assert_close(out, expected)
 
 
-def test_flash_path_casts_to_half_and_back(monkeypatch, generator):
-    """The flash branch (CUDA-only in real use) gets bf16 q/k/v and returns the caller's dtype."""
-    seen = {}
+def test_flash_path_casts_to_half_and_back(generator):
+    """The flash branch (CUDA-only in real use) gets bf16 q/k/v and returns the caller's dtype, whether the
+    build returns the output or (output, lse)."""
+    seen = []
 
     def fake_flash(q, k, v):
-        seen["dtype"] = q.dtype
-        return (attn._sdpa(q.float(), k.float(), v.float()).to(q.dtype), None)
+        seen.append(q.dtype)
+        return attn._sdpa(q.float(), k.float(), v.float()).to(q.dtype)
 
-    monkeypatch.setattr(attn, "_flash_function", lambda: fake_flash)
-    monkeypatch.setattr(attn, "resolve_backend", lambda backend, device: "flash")
     q, k, v = (torch.randn(1, 6, 2, 8, generator=generator) for _ in range(3))
-    out = attn.attention(q, k, v)
-    assert seen["dtype"] == torch.bfloat16 and out.dtype == torch.float32
-    torch.testing.assert_close(out, attn._sdpa(q, k, v), rtol=2e-2, atol=2e-2)
+    for function in (fake_flash, lambda q, k, v: (fake_flash(q, k, v), None)):
+        out = attn._flash_call(function, q, k, v)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, attn._sdpa(q, k, v), rtol=2e-2, atol=2e-2)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    half = q.half()
+    assert attn._flash_call(fake_flash, half, half, half).dtype == torch.float16 and seen[-1] == torch.float16
 
 
 def test_rope_split_and_rotation_match_complex128_arithmetic(generator):
@@ -70,12 +74,15 @@ def test_rope_refuses_grids_beyond_its_positions():
         rope_cos_sin((1, 1025, 2), 16)
 
 
-def test_the_dit_refuses_an_impossible_backend_when_it_is_set():
+def test_the_dit_refuses_an_impossible_backend_when_it_is_set(monkeypatch):
+    """On a machine without a GPU the CPU is where the model will run: checked at once (on a GPU machine a
+    model waiting on the CPU is checked when placed: tests/test_gpu_paths.py)."""
     from pixelwizard_core.models.dit import DiTConfig, WanDiT
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = WanDiT(DiTConfig.tiny())
     model.set_attention_backend("sdpa")
-    assert model.attn_backend == "sdpa"
+    assert model.attn_backend == "sdpa" and model.attn_kernel.name == "sdpa"  # resolved now: no GPU here
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         model.set_attention_backend("flash")
     with pytest.raises(ConfigError, match="unknown attention backend"):

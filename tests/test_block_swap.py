@@ -17,7 +17,7 @@ from tiny_models import _weights, write_pixelwizard
 
 from pixelwizard_core.pipeline import memory
 from pixelwizard_core.errors import ConfigError
-from pixelwizard_core.models.block_swap import BlockSwap
+from pixelwizard_core.models.block_swap import ALIGN, BlockSwap
 from pixelwizard_core.models.dit import DiTConfig, WanDiT
 from pixelwizard_core.models.hr import WanHRDiT
 from pixelwizard_core.models.layers import FP8, store_linears_in_fp8
@@ -115,18 +115,20 @@ def test_swapped_blocks_are_only_in_a_slot_while_they_run():
         return lambda module, args: seen.__setitem__(index, module.self_attn.q.weight.data_ptr())
 
     with on_device(model, "cpu", home="cpu", swap_blocks=3):
+        hosts = pointers(model)  # the swapped blocks now sit in their host buffers
         spies = [block.register_forward_pre_hook(spy(i)) for i, block in enumerate(model.blocks)]
         for _ in range(2):
             run(model, "lr")
-            # between calls every tensor is back on its host copy (the storage it had before)
-            assert pointers(model) == before
+            # between calls every tensor is back on its host copy
+            assert pointers(model) == hosts
         for s in spies:
             s.remove()
-    host = {i: before[f"blocks.{i}.self_attn.q.weight"] for i in range(4)}
-    assert seen[0] == host[0]  # not swapped: used in place
+    assert all(hosts[k] == v for k, v in before.items() if not k.startswith(("blocks.1.", "blocks.2.", "blocks.3.")))
+    host = {i: hosts[f"blocks.{i}.self_attn.q.weight"] for i in range(4)}
+    assert seen[0] == host[0] == before["blocks.0.self_attn.q.weight"]  # not swapped: used in place
     assert all(seen[i] != host[i] for i in (1, 2, 3))  # swapped: a copy in a slot while it runs
     assert seen[1] == seen[3] != seen[2]  # two slots, taken in turn
-    assert hooks_of(model) == 0 and pointers(model) == before
+    assert hooks_of(model) == 0 and pointers(model) == hosts  # home "cpu": they wait on their host copies
 
 
 def test_block_swap_object_reports_residency_and_slot_memory():
@@ -141,7 +143,11 @@ def test_block_swap_object_reports_residency_and_slot_memory():
             probe.remove()
         assert swap.resident() == []  # nothing left on the device between calls
         one_block = sum(t.numel() * t.element_size() for t in model.blocks[3].state_dict().values())
-        assert swap.slot_bytes() == 2 * one_block
+        assert swap.host_bytes()["stored"] == one_block
+        # one buffer per slot in the blocks' layout: the tensors plus their alignment
+        assert swap.slot_bytes() == 2 * swap.layout.nbytes
+        assert one_block <= swap.layout.nbytes <= one_block + len(swap.layout.offsets) * ALIGN
+        assert swap.host_bytes()["pinned"] == 0  # a CPU device pins nothing
     assert during == [[], [2], [3]]  # only the block about to run, each put back right after it ran
     assert swap.slot_bytes() == 0 and swap.resident() == [] and hooks_of(model) == 0
 
@@ -162,9 +168,11 @@ def test_leaving_restores_a_whole_model_that_works_as_before():
 
 def test_an_error_inside_a_block_still_restores_the_model():
     model = make("lr")
-    before, expected = pointers(model), run(model, "lr")
+    expected = run(model, "lr")
     with pytest.raises(RuntimeError, match="boom"):
         with on_device(model, "cpu", home="cpu", swap_blocks=2):
+            hosts = pointers(model)
+
             def fail(module, args):
                 raise RuntimeError("boom")
 
@@ -173,7 +181,7 @@ def test_an_error_inside_a_block_still_restores_the_model():
                 run(model, "lr")
             finally:
                 hook.remove()
-    assert pointers(model) == before and hooks_of(model) == 0
+    assert pointers(model) == hosts and hooks_of(model) == 0  # back on the host copies, not in a slot
     assert torch.equal(run(model, "lr"), expected)
 
 
@@ -380,3 +388,28 @@ def test_cuda_swap_lowers_peak_memory_and_keeps_outputs():
     assert all(torch.equal(a, expected[0]) for a in expected + got)
     assert full - swapped >= 3.5 * block  # 6 blocks off, 2 slots on
     assert {p.device.type for p in model.parameters()} == {"cpu"}  # back home, whole
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_page_locks_each_swapped_block_once_at_its_size():
+    """Measured: page-locked host bytes per swapped block within 1% of its stored bytes (torch's pinned
+    allocator would round each up to a power of two), all of it released when the swap ends."""
+    from pixelwizard_core.models.block_swap import locked_host_bytes
+
+    config = DiTConfig.tiny(dim=512, ffn_dim=2048, num_heads=8, num_layers=4)
+    model = randomized(WanDiT(config), 3).to(torch.bfloat16).cuda()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, config.in_dim, 2, 8, 8, generator=g).cuda()
+    t, context = torch.tensor([500.0]).cuda(), torch.randn(1, 9, config.text_dim, generator=g).cuda()
+    with torch.no_grad():
+        expected = model(x, t, context)
+    before = locked_host_bytes()
+    swap = BlockSwap(model.blocks, 3, "cuda").enable()
+    measured = (locked_host_bytes() - before) / 3
+    stored = swap.host_bytes()["stored"]
+    assert stored <= measured <= 1.01 * stored, (stored, measured)
+    assert all(p.is_pinned() for block in model.blocks[1:] for p in block.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(x, t, context), expected)
+    swap.disable("cuda")
+    assert locked_host_bytes() <= before

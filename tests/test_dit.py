@@ -330,3 +330,60 @@ def test_lean_hr_forward_is_identical_and_needs_far_less_memory_per_token():
         peaks[name] = peak["bytes"]
     assert torch.equal(outputs["lean"], outputs["straightforward"])
     assert peaks["lean"] <= 0.7 * peaks["straightforward"], peaks
+
+
+# --- layout changes as named rearranges: bit-identical to the expressions they replaced -----------------
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 2)])
+def test_patchify_unpatchify_and_the_injector_equal_the_previous_expressions(generator, patch):
+    from pixelwizard_core.models.hr import AnchorInjector
+
+    config = DiTConfig.tiny(patch_size=patch)
+    model = randomised(WanDiT(config))
+    x = torch.randn(2, config.in_dim, 4, 8, 10, generator=generator)
+    tokens, grid = model.patchify(x)
+    y = model.patch_embedding(x)
+    before = y.flatten(2).transpose(1, 2)
+    assert torch.equal(tokens, before) and tokens.stride() == before.stride()  # a view, as before
+    (f, h, w), (pt, ph, pw), c = grid, patch, config.out_dim
+    flat = torch.randn(2, f * h * w, pt * ph * pw * c, generator=generator)
+    before = torch.einsum("bfhwpqrc->bcfphqwr", flat.reshape(2, f, h, w, pt, ph, pw, c))
+    assert torch.equal(model.unpatchify(flat, grid), before.reshape(2, c, f * pt, h * ph, w * pw).float())
+    injector = randomised(AnchorInjector(config))
+    anchor = torch.randn(2, config.in_dim, 4, 4, 5, generator=generator)
+    t_features = torch.randn(2, config.freq_dim, generator=generator)
+    with torch.no_grad():
+        control = injector(anchor, t_features, t_features)
+        features = injector.backbone(anchor).flatten(2).transpose(1, 2)  # the previous expression
+        gate = torch.tanh(injector.adapter_time_proj(t_features) + injector.adapter_dt_proj(t_features))
+        expected = injector.zero_layers["1"](injector.feature_norm(features).float() * (1 + gate.float().unsqueeze(1)))
+    assert torch.equal(control, expected)
+
+
+def test_head_split_and_merge_equal_the_previous_expressions(generator):
+    from pixelwizard_core.models.dit import merge_heads, split_heads
+
+    x = torch.randn(2, 7, 4 * 16, generator=generator)
+    assert torch.equal(split_heads(x, 4), x.unflatten(2, (4, -1)))
+    out = torch.randn(2, 4, 7, 16, generator=generator).transpose(1, 2)  # SDPA's output: not contiguous
+    assert torch.equal(merge_heads(out), out.flatten(2))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ulysses_exchanges_equal_the_previous_chunk_and_cat(generator, world):
+    """The all-to-all, simulated over ``world`` ranks: rank r receives part r of every rank's send buffer
+    (``all_to_all_single``); HEAD built per-rank lists with chunk and cat."""
+    from pixelwizard_core.distributed import ulysses as u
+
+    def exchange(sent: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.stack([s[rank] for s in sent]) for rank in range(world)]
+
+    local = [torch.randn(2, 5, 12, 8, generator=generator) for _ in range(world)]  # [B, L/P, N, D]
+    before = [torch.cat([x.chunk(world, dim=2)[r] for x in local], dim=1) for r in range(world)]
+    after = [u.tokens_to_heads_received(b) for b in exchange([u.tokens_to_heads_send(x, world) for x in local])]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    heads = [torch.randn(2, 5 * world, 12 // world, 8, generator=generator) for _ in range(world)]
+    before = [torch.cat([y.chunk(world, dim=1)[r] for y in heads], dim=2) for r in range(world)]
+    after = [u.heads_to_tokens_received(b) for b in exchange([u.heads_to_tokens_send(y, world) for y in heads])]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))

@@ -142,3 +142,35 @@ def test_step_times_are_intervals_and_the_steady_one_skips_the_warm_up() -> None
     assert intervals(10.0, [11.0, 13.5, 14.0]) == [1.0, 2.5, 0.5]
     assert steady([9.0, 1.0, 3.0, 2.0]) == 2.0  # the first (warm-up) step is left out
     assert steady([4.0]) == 4.0  # a single step is its own timing
+
+
+def test_cuda_paths_are_measured_once_per_run(run: tuple[dict, str, Path]) -> None:
+    data, stdout, _ = run
+    paths = data["cuda_paths"]
+    assert "error" not in paths, paths
+    graphs = paths["graphs_per_block"]
+    for name in ("auto", "sdpa"):  # the CPU runs SDPA; flash and sage report why not
+        assert (graphs[name]["runs"], graphs[name]["graphs"], graphs[name]["breaks"]) == ("sdpa", 1, 0)
+    assert graphs["flash"]["status"] == "not available" and "CUDA GPU" in graphs["flash"]["reason"]
+    step = paths["hr_step"]
+    assert step["sdpa"]["eager_seconds_per_step"] > 0 and step["sdpa"]["compiled"] == "skipped: needs a GPU"
+    pinned = paths["pinned_per_block"]  # nothing is page-locked for a CPU device
+    assert pinned["method"] == "pageable" and pinned["planned_pinned_bytes"] == pinned["measured_pinned_bytes"] == 0
+    assert pinned["stored_bytes"] <= pinned["buffer_bytes"] < pinned["rounded_if_cached_bytes"]
+    assert "## CUDA paths" in stdout and "| sdpa | sdpa | 1 | 0 | - |" in stdout
+
+
+def test_cuda_paths_report_reads_a_gpu_run() -> None:
+    mib = 2**20
+    paths = {"graphs_per_block": {"flash": {"status": "ok", "runs": "flash", "graphs": 1, "breaks": 0, "reasons": []}},
+             "pinned_per_block": {"swapped_blocks": 10, "method": "registered", "stored_bytes": 312 * mib,
+                                  "buffer_bytes": 312 * mib, "planned_pinned_bytes": 312 * mib,
+                                  "measured_pinned_bytes": 312 * mib, "rounded_if_cached_bytes": 512 * mib,
+                                  "left_after_release_bytes": 0},
+             "hr_step": {"width": 448, "height": 256, "frames": 121, "tokens": 3472,
+                         "flash": {"status": "ok", "eager_seconds_per_step": 0.5, "compiled_seconds_per_step": 0.4,
+                                   "compile_and_first_step_seconds": 60.0}}}
+    text = render({"cuda_paths": paths})
+    assert "| flash | flash | 1 | 0 | - |" in text
+    assert "| 312.00 | 312.00 | 312.00 | 312.00 | 512.00 | 0.00 |" in text
+    assert "| flash | 0.500 | 0.400 | 60.0 |" in text

@@ -15,6 +15,7 @@ import torch
 from pixelwizard_core.models.attention import attention_choices
 
 from .config import ORDERS, Setup, mode_list, real_setup, small_setup
+from .cuda_paths import run_cuda_paths
 from .environment import environment
 from .estimates import estimates
 from .harness import Bench
@@ -142,5 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     isolate = args.isolate == "on" or (args.isolate == "auto" and device.type != "cuda")
     bench.data["isolated_processes"] = isolate
     (run_isolated if isolate else run_plan)(bench, modes, timing)
+    if not args.timing_mode:  # once per run: not in the CPU's per-mode processes
+        run_cuda_paths(bench)
     bench.finish()
     return 0

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pixelwizard_core.models.attention import resolve_backend
 from pixelwizard_core.models.dit import WanDiT
 from pixelwizard_core.models.hr import WanHRDiT
 from pixelwizard_core.models.t5 import UMT5Encoder
@@ -151,8 +150,7 @@ class ModelPool:
             return TextEncoder(model, RandomTokens(self.setup.t5.vocab, self.setup.t5.text_len, self.setup.prompt_tokens))
         if role == "vae":
             return model
-        resolve_backend(self.attention, self.device)  # refuses an impossible choice now
-        model.attn_backend = self.attention
+        model.set_attention_backend(self.attention)  # refuses an impossible choice now
         if self.compile_blocks:
             for block in model.blocks:
                 block.compile()

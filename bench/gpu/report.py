@@ -144,9 +144,64 @@ def _whole_run_rows(data: dict) -> list[str]:
             "|---" * 9 + "|", *rows]
 
 
+def _graph_rows(graphs: dict) -> list[str]:
+    lines = ["Graphs per compiled DiT block (torch._dynamo.explain on block 0; the goal: 1 graph, 0 breaks):", "",
+             "| backend | runs | graphs | breaks | break reasons |", "|---|---|---|---|---|"]
+    for name, record in graphs.items():
+        if record.get("status") != "ok":
+            lines.append(f"| {name} | - | - | - | {record.get('status')}: {record.get('reason', '')[:100]} |")
+        else:
+            lines.append(f"| {name} | {record['runs']} | {record['graphs']} | {record['breaks']} | "
+                         f"{'; '.join(record['reasons']) or '-'} |")
+    return lines
+
+
+def _pinned_rows(pinned: dict) -> list[str]:
+    keys = ("stored_bytes", "buffer_bytes", "planned_pinned_bytes", "measured_pinned_bytes",
+            "rounded_if_cached_bytes", "left_after_release_bytes")
+    return ["", f"Page-locked host memory per swapped block ({pinned['swapped_blocks']} blocks swapped, "
+                f"{pinned['method']} memory; MiB):", "",
+            "| stored | buffer | planned pinned | measured pinned | a power of two would be | change after release |",
+            "|---|---|---|---|---|---|", "| " + " | ".join(_gib(pinned.get(k), 2**20) for k in keys) + " |"]
+
+
+def _step_rows(step: dict) -> list[str]:
+    lines = ["", f"One HR step at {step['width']}x{step['height']}, {step['frames']} frames ({step['tokens']} tokens; "
+                 "cond + uncond), seconds:", "",
+             "| backend | eager | compiled | compile + first step |", "|---|---|---|---|"]
+    for name, record in step.items():
+        if not isinstance(record, dict):
+            continue
+        if record.get("status") != "ok":
+            lines.append(f"| {name} | {record.get('status')}: {record.get('reason', '')[:100]} | | |")
+            continue
+        compiled = record.get("compiled_seconds_per_step", record.get("compiled"))
+        lines.append(f"| {name} | {_seconds(record['eager_seconds_per_step'])} | "
+                     f"{_seconds(compiled) if isinstance(compiled, float) else compiled} | "
+                     f"{_seconds(record.get('compile_and_first_step_seconds'))} |")
+    return lines
+
+
+def _cuda_paths(data: dict) -> list[str]:
+    """Graphs per compiled block, pinned bytes per swapped block, HR step time per attention backend."""
+    section = data.get("cuda_paths")
+    if not section:
+        return []
+    lines = ["", "## CUDA paths", ""]
+    if "error" in section:
+        lines.append(f"error: {section['error']}")
+    if section.get("graphs_per_block"):
+        lines += _graph_rows(section["graphs_per_block"])
+    if section.get("pinned_per_block"):
+        lines += _pinned_rows(section["pinned_per_block"])
+    if section.get("hr_step"):
+        lines += _step_rows(section["hr_step"])
+    return lines
+
+
 def render(data: dict) -> str:
     """The report of a run's JSON (complete or cut short) as markdown."""
-    lines = _header(data) + _memory_table(data) + _time_table(data) + _whole_run_rows(data)
+    lines = _header(data) + _memory_table(data) + _time_table(data) + _whole_run_rows(data) + _cuda_paths(data)
     for title, items in (("Skipped", data.get("budget", {}).get("skipped", [])), ("Notes", data.get("notes", []))):
         if items:
             lines += ["", f"{title}:"] + [f"- {item}" for item in items]

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from ..errors import ConfigError
-from .attention import attention, resolve_backend
+from .attention import AttentionKernel, attention, check_backend_name, indexed, resolve_attention
 from .layers import Conv3d, FP32Linear, LayerNorm, Linear, RMSNorm, mlp, sinusoidal_embedding
 from .parallel import SequenceParallel, check_degree, shard_tokens
 from .rope import apply_rope, rope_cos_sin
@@ -46,6 +47,16 @@ def over_token_chunks(fn: Callable[..., torch.Tensor], chunk: int, x: torch.Tens
             out = piece.new_empty((piece.shape[0], length, *piece.shape[2:]))
         out[:, part] = piece
     return out
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, L, heads * head_dim] -> [B, L, heads, head_dim] (the layout every attention backend takes)."""
+    return rearrange(x, "b l (n d) -> b l n d", n=num_heads)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, L, heads, head_dim] -> [B, L, heads * head_dim]: the inverse of :func:`split_heads`."""
+    return rearrange(x, "b l n d -> b l (n d)")
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ class TokenState:
     sin: torch.Tensor
     seq_len: int  # true token count (keys beyond it are padding)
     sp: SequenceParallel | None
-    attn_backend: str
+    attn: AttentionKernel  # resolved at placement: compiled blocks call it, never look a backend up
     chunk: int = 0  # tokens per chunk of the row-wise parts (q/k, cross-attention, FFN); 0: all at once
 
 
@@ -101,18 +112,18 @@ class SelfAttention(nn.Module):
         tables = state.cos[None], state.sin[None]  # token axis at dim 1, as x
         q = over_token_chunks(self._rotated(self.q, self.norm_q), state.chunk, x, *tables)
         k = over_token_chunks(self._rotated(self.k, self.norm_k), state.chunk, x, *tables)
-        v = self.v(x).unflatten(2, (self.num_heads, -1))
+        v = split_heads(self.v(x), self.num_heads)
         if state.sp is not None:
             q, k, v = (state.sp.tokens_to_heads(t) for t in (q, k, v))
-        out = attention(q, k, v, k_len=state.seq_len, backend=state.attn_backend)
+        out = attention(q, k, v, k_len=state.seq_len, backend=state.attn)
         if state.sp is not None:
             out = state.sp.heads_to_tokens(out)
-        return self.o(out.flatten(2))
+        return self.o(merge_heads(out))
 
     def _rotated(self, linear: Linear, norm: RMSNorm) -> Callable[..., torch.Tensor]:
         """Projection, RMSNorm and RoPE of some tokens, in the Linears' dtype (as official before attention)."""
         def project(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-            heads = norm(linear(x)).unflatten(2, (self.num_heads, -1))
+            heads = split_heads(norm(linear(x)), self.num_heads)
             return apply_rope(heads, cos[0], sin[0]).to(self.v.compute_dtype)
         return project
 
@@ -120,12 +131,11 @@ class SelfAttention(nn.Module):
 class CrossAttention(SelfAttention):
     """Attention from video tokens to all text_len context rows (no RoPE, no key mask: as official)."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_backend: str) -> torch.Tensor:
-        heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(2, heads)
-        k = self.norm_k(self.k(context)).unflatten(2, heads)
-        v = self.v(context).unflatten(2, heads)
-        return self.o(attention(q, k, v, backend=attn_backend).flatten(2))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn: AttentionKernel) -> torch.Tensor:
+        q = split_heads(self.norm_q(self.q(x)), self.num_heads)
+        k = split_heads(self.norm_k(self.k(context)), self.num_heads)
+        v = split_heads(self.v(context), self.num_heads)
+        return self.o(merge_heads(attention(q, k, v, backend=attn)))
 
 
 class AttentionBlock(nn.Module):
@@ -152,7 +162,7 @@ class AttentionBlock(nn.Module):
         return over_token_chunks(self._ffn_residual, state.chunk, x, *mod[3:])
 
     def _cross_residual(self, state: TokenState) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x: x + self.cross_attn(self.norm3(x), state.context, state.attn_backend)
+        return lambda x: x + self.cross_attn(self.norm3(x), state.context, state.attn)
 
     def _ffn_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         ffn_in = (self.norm2(x).float() * (1 + scale) + shift).to(self.ffn[0].compute_dtype)
@@ -181,7 +191,8 @@ class WanDiT(nn.Module):
         if config.dim % config.num_heads or config.head_dim % 2:
             raise ConfigError(f"dim {config.dim} must split into {config.num_heads} heads of even size")
         self.config = config
-        self.attn_backend = "auto"
+        self.attn_backend = "auto"  # what was asked for; attn_kernel: what runs, for one device and dtype
+        self.attn_kernel: AttentionKernel | None = None
         self.ffn_chunk_bytes = FFN_CHUNK_BYTES  # 0: never chunk (the straightforward path)
         self.patch_embedding = Conv3d(config.in_dim, config.dim, config.patch_size, stride=config.patch_size)
         self.text_embedding = mlp(config.text_dim, config.dim, nn.GELU(approximate="tanh"))
@@ -191,11 +202,32 @@ class WanDiT(nn.Module):
         self.head = Head(config)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Force "sdpa" or "flash", or let "auto" pick flash-attn on CUDA when installed.
+        """Force a registered backend ("sdpa", "flash", ...), or let "auto" pick the fastest that runs.
 
-        Checked now against the device the weights are on, so a wrong choice fails before sampling."""
-        resolve_backend(backend, self.patch_embedding.weight.device)
-        self.attn_backend = backend
+        Resolved now where the weights are when they are where the model will compute (on a GPU, or on a
+        machine without one), so a wrong choice fails before sampling; a model waiting on the CPU of a GPU
+        machine is resolved when it is placed (:meth:`place_attention`)."""
+        check_backend_name(backend)
+        device = self.patch_embedding.weight.device
+        settled = device.type != "meta" and (device.type != "cpu" or not torch.cuda.is_available())
+        kernel = resolve_attention(backend, device, self.attention_dtype()) if settled else None
+        self.attn_backend, self.attn_kernel = backend, kernel
+
+    def place_attention(self, device: torch.device | str) -> AttentionKernel:
+        """The attention kernel for computing on ``device``, resolved once per device and dtype and kept:
+        every forward carries it to the blocks, so compiled blocks never look a backend up.
+        :func:`pixelwizard_core.pipeline.placement.on_device` calls this when it places the model."""
+        device, dtype = indexed(device), self.attention_dtype()
+        kernel = self.attn_kernel
+        if kernel is None or kernel.device != device or kernel.dtype != dtype:
+            kernel = self.attn_kernel = resolve_attention(self.attn_backend, device, dtype)
+        return kernel
+
+    def attention_dtype(self) -> torch.dtype:
+        """The dtype attention computes in: the blocks' Linears' (bf16 for fp8-stored weights)."""
+        if len(self.blocks):
+            return self.blocks[0].self_attn.v.compute_dtype
+        return self.patch_embedding.weight.dtype
 
     def ffn_chunk_tokens(self, batch: int) -> int:
         """Tokens per FFN chunk within ``ffn_chunk_bytes`` (0: no chunking). Training keeps whole
@@ -216,7 +248,7 @@ class WanDiT(nn.Module):
         """[B, C, T, H, W] -> tokens [B, L, dim] in F-H-W order, and the token grid."""
         self._check_latent(x)
         y = self.patch_embedding(x)
-        return y.flatten(2).transpose(1, 2), tuple(y.shape[2:])
+        return rearrange(y, "b c f h w -> b (f h w) c"), tuple(y.shape[2:])
 
     def time_embedding_of(self, t: torch.Tensor) -> torch.Tensor:
         """Time embedding e [B, dim] (t [B]) or [B, L, dim] (t [B, L]), float32."""
@@ -279,7 +311,7 @@ class WanDiT(nn.Module):
             sin=sin,
             seq_len=seq_len,
             sp=sp,
-            attn_backend=self.attn_backend,
+            attn=self.place_attention(tokens.device),
             chunk=self.ffn_chunk_tokens(tokens.shape[0]),
         )
         pending = dict(block_inputs or {})
@@ -298,9 +330,8 @@ class WanDiT(nn.Module):
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, L, prod(patch) * out_dim] -> [B, out_dim, T*pt, H*ph, W*pw] float32."""
         (f, h, w), (pt, ph, pw) = grid, self.config.patch_size
-        u = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
-        u = torch.einsum("bfhwpqrc->bcfphqwr", u)
-        return u.reshape(tokens.shape[0], self.config.out_dim, f * pt, h * ph, w * pw).float()
+        return rearrange(tokens, "b (f h w) (p q r c) -> b c (f p) (h q) (w r)", f=f, h=h, w=w, p=pt, q=ph,
+                         r=pw).float()
 
     def _check_latent(self, x: torch.Tensor) -> None:
         pt, ph, pw = self.config.patch_size

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from ..errors import ConfigError
 from .dit import DiTConfig, WanDiT
@@ -132,7 +133,7 @@ class AnchorInjector(nn.Module):
 
     def forward(self, anchor: torch.Tensor, t_features: torch.Tensor, dt_features: torch.Tensor) -> torch.Tensor:
         """Control [B, L, dim] added to the input of block 1."""
-        features = self.backbone(anchor).flatten(2).transpose(1, 2)  # F-H-W order, as the tokens
+        features = rearrange(self.backbone(anchor), "b c f h w -> b (f h w) c")  # F-H-W order, as the tokens
         gate = torch.tanh(self.adapter_time_proj(t_features) + self.adapter_dt_proj(dt_features))
         gated = self.feature_norm(features).float() * (1 + gate.float().unsqueeze(1))
         return self.zero_layers[str(INJECTED_BLOCK)](gated)

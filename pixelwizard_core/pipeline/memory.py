@@ -9,11 +9,15 @@ It also holds the one memory-mode vocabulary (:data:`MEMORY_MODES`) and doctor's
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
+from ..models.block_swap import BlockLayout, pinned_bytes
+from ..models.dit import AttentionBlock, DiTConfig
+from ..models.layers import store_linears_in_fp8
 from ..registry import Registry
 from .presets import HR_PRESETS, LR_DEFAULTS, StageSettings, latent_frames
 from .tile_plan import plan_tiles
@@ -103,6 +107,7 @@ class MemoryEstimate:
 
     stages: dict[str, int]
     mode: str
+    pinned_host: int = 0  # page-locked host RAM block swap keeps for the DiTs (not GPU memory)
 
     @property
     def peak(self) -> int:
@@ -143,6 +148,25 @@ def block_swap_savings(swap_blocks: int, precision: str = "bf16") -> int:
     size = PRECISION_BYTES[precision]
     block = (linear * (1 if precision == "fp8" else size)) + (DIT_BLOCK_PARAMS - linear) * size
     return (swap_blocks - min(swap_blocks, 2)) * block
+
+
+@functools.cache
+def swapped_block_layout(precision: str = "bf16") -> BlockLayout:
+    """The host buffer of one swapped 5B DiT block, as block swap lays it out (built on the meta device)."""
+    with torch.device("meta"):
+        block = AttentionBlock(DiTConfig()).to(torch.float32 if precision == "fp32" else torch.bfloat16)
+        if precision == "fp8":
+            store_linears_in_fp8(block)
+        elif precision == "fp16":
+            block = block.half()
+    tensors = [t for m in block.modules() for t in [*m._parameters.values(), *m._buffers.values()] if t is not None]
+    return BlockLayout.of([(tuple(t.shape), t.dtype) for t in tensors])
+
+
+def pinned_host_bytes(swap_blocks: int, precision: str = "bf16", dits: int = 2) -> int:
+    """Page-locked host RAM of block swap: each of ``dits`` DiTs keeps its ``swap_blocks`` swapped blocks in
+    one registered buffer per block, whole pages (models/block_swap.py), also while it waits on the CPU."""
+    return dits * swap_blocks * pinned_bytes(swapped_block_layout(precision).nbytes)
 
 
 def dit_activation_bytes(tokens: int, batch: int = 1) -> int:
@@ -206,7 +230,8 @@ def estimate_memory(
     }
     resident = sum(weights.values())
     stages = {role: (resident if not mode.offload else weights[role]) + work[role] for role in work}
-    return MemoryEstimate({_STAGE_NAMES[role]: value for role, value in stages.items()}, mode.name)
+    pinned = pinned_host_bytes(mode.swap_blocks, precision) if MEMORY_MODES.get(mode.mode).swap else 0
+    return MemoryEstimate({_STAGE_NAMES[role]: value for role, value in stages.items()}, mode.name, pinned)
 
 
 _STAGE_NAMES = {"text": "text", "lr": "anchor", "hr": "hr", "vae": "decode"}

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..models.block_swap import BlockSwap, check_count
+from ..models.block_swap import BlockSwap, check_count, empty_host_cache
 from .text import TextEncoder
 
 log = logging.getLogger("pixelwizard")
@@ -60,9 +60,13 @@ def on_device(model: M, device: torch.device | str, *, home: torch.device | str 
       Everything else of the model is on ``device``. The outputs are identical to the unswapped model's.
       Must run without gradients (sampling does).
 
-    The CUDA cache is emptied after something left the GPU. Leaving the block restores a whole model
-    (every block on ``home``), so a cached model can be used next in another mode. Raises ConfigError for
-    a ``swap_blocks`` out of 0..len(model.blocks) (or > 0 for a model without blocks) before moving anything.
+    A model with ``place_attention`` (the DiTs) resolves its attention backend here, once, for ``device``
+    (flash-attn looked up, the GPU's capability read): its compiled blocks never look anything up.
+
+    The CUDA cache is emptied after something left the GPU, and torch's pinned host cache too. Leaving
+    the block restores a whole model (every block on ``home``), so a cached model can be used next in
+    another mode. Raises ConfigError for a ``swap_blocks`` out of 0..len(model.blocks) (or > 0 for a model
+    without blocks) before moving anything.
     """
     module = module_of(model)
     device = _normalized(device)
@@ -73,6 +77,7 @@ def on_device(model: M, device: torch.device | str, *, home: torch.device | str 
         if swap is not None:  # to the host first: the whole DiT never sits on the device at once
             swap.enable()
         _move(module, device, skip=swap.blocks[swap.first:] if swap is not None else ())
+        place_attention(model, device)
         yield model
     finally:
         if swap is not None:
@@ -80,6 +85,15 @@ def on_device(model: M, device: torch.device | str, *, home: torch.device | str 
         moved = home is not None and home != device and _move(module, home)
         if (moved or swap is not None) and device.type == "cuda":
             torch.cuda.empty_cache()
+            empty_host_cache()
+
+
+def place_attention(model: object, device: torch.device | str) -> None:
+    """Resolve ``model``'s attention backend for computing on ``device`` (models without attention: nothing).
+    Callers that place a model without :func:`on_device` (FSDP shards) call this once it is placed."""
+    resolve = getattr(module_of(model), "place_attention", None)
+    if resolve is not None:
+        resolve(device)
 
 
 def _normalized(device: torch.device | str) -> torch.device:

@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 
 from ..loading.identity import FileIdentity, file_identity
+from ..models.block_swap import empty_host_cache
 from .handles import ModelHandle, load
 from .placement import module_of, on_device
 
@@ -170,6 +171,7 @@ class ModelStore:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+            empty_host_cache()  # block swap's pinned host buffers of the dropped models
 
 
 class _Lease:
