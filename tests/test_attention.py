@@ -19,7 +19,7 @@ def test_auto_picks_sdpa_without_cuda_and_flash_is_refused_clearly(monkeypatch):
     assert attn.resolve_backend("sdpa", cpu) == "sdpa"
     with pytest.raises(ConfigError, match="needs a CUDA GPU and the flash-attn package"):
         attn.resolve_backend("flash", cpu)
-    with pytest.raises(ConfigError, match="choose one of auto, flash, sdpa"):
+    with pytest.raises(ConfigError, match="choose one of auto, flash, sage, sdpa"):
         attn.resolve_backend("xformers", cpu)
 
 

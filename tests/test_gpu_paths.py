@@ -281,28 +281,62 @@ def test_the_flash_fakes_check_their_inputs_as_flash_attn_does(monkeypatch):
         fa2.flash_attn_func(q, q, q)
 
 
-def test_sage_runs_only_when_asked_for(monkeypatch):
-    """SageAttention quantizes Q and K: registered after sdpa, so "auto" never picks it."""
+def fake_sage(monkeypatch, hopper_kernel: bool = False) -> list:
+    """A ``sageattention`` module whose kernels record their calls and compute with SDPA."""
     import sys
     import types
 
+    calls = []
+
+    def kernel(name):
+        def run(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, **options):
+            calls.append((name, tensor_layout, q.dtype, options))
+            return attn._sdpa(q, k, v)
+        return run
+
+    module = types.SimpleNamespace(sageattn=kernel("sageattn"))
+    if hopper_kernel:
+        module.sageattn_qk_int8_pv_fp16_cuda = kernel("int8_pv_fp16")
+    monkeypatch.setitem(sys.modules, "sageattention", module)
+    return calls
+
+
+def test_auto_takes_sage_when_installed_after_flash(monkeypatch):
+    """Preference flash > sage > sdpa; sage runs in half precision in layout [B, L, heads, head_dim]."""
     device = pretend_gpu(monkeypatch, (8, 9))
     install_flash(monkeypatch, fa2=False)
-    layouts = []
-
-    def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None):
-        layouts.append((tensor_layout, q.dtype))
-        return attn._sdpa(q, k, v)
-
-    monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace(sageattn=sageattn))
-    assert attn.resolve_attention("auto", device, torch.bfloat16).name == "sdpa"
+    calls = fake_sage(monkeypatch)
+    assert attn.resolve_attention("auto", device, torch.bfloat16).name == "sage"
+    assert attn.resolve_attention("auto", device, torch.float32).name == "sdpa"  # fp32 stays exact
     kernel = attn.resolve_attention("sage", device, torch.float32)
     q = torch.randn(1, 8, 2, 16)
     assert kernel.name == "sage" and kernel.run(q, q, q).dtype == torch.float32
-    assert layouts == [("NHD", torch.bfloat16)]  # [B, L, heads, head_dim], half precision
+    assert calls == [("sageattn", "NHD", torch.bfloat16, {})]
+    install_flash(monkeypatch)
+    assert attn.resolve_attention("auto", device, torch.bfloat16).name == "flash"
+
+
+def test_sage_on_hopper_uses_the_int8_fp16_kernel(monkeypatch):
+    device = pretend_gpu(monkeypatch, (9, 0))
+    calls = fake_sage(monkeypatch, hopper_kernel=True)
+    q = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    attn.resolve_attention("sage", device, torch.bfloat16).run(q, q, q)
+    assert calls == [("int8_pv_fp16", "NHD", torch.bfloat16, {"pv_accum_dtype": "fp32"})]
+
+
+def test_sage_where_it_cannot_run_falls_back_with_one_warning(monkeypatch, caplog):
+    import sys
+
+    device = pretend_gpu(monkeypatch, (8, 9))
+    install_flash(monkeypatch, fa2=False)
     monkeypatch.setitem(sys.modules, "sageattention", None)
-    with pytest.raises(ConfigError, match="sageattention package is not installed"):
-        attn.resolve_attention("sage", device, torch.bfloat16)
+    monkeypatch.setattr(attn, "_said", set())
+    with caplog.at_level("WARNING", logger="pixelwizard"):
+        assert attn.resolve_attention("sage", device, torch.bfloat16).name == "sdpa"
+        assert attn.resolve_attention("sage", device, torch.bfloat16).name == "sdpa"
+    warnings = [r.message for r in caplog.records if "cannot run" in r.message]
+    assert len(warnings) == 1 and "sageattention package is not installed" in warnings[0]
+    assert attn.resolve_attention("sage", torch.device("cpu"), torch.float32).name == "sdpa"  # a CPU too
 
 
 def test_a_dit_on_a_faked_hopper_runs_flash_and_matches_sdpa(monkeypatch):

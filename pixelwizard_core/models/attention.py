@@ -1,4 +1,4 @@
-"""Attention backends: flash-attn 3 / 2 on the CUDA GPUs that run them, torch SDPA everywhere else.
+"""Attention backends: flash-attn 3 / 2 and SageAttention on the CUDA GPUs that run them, torch SDPA everywhere.
 
 Layout everywhere is [B, L, heads, head_dim], as in the official Wan code. Padded keys (sequence
 parallel padding) always sit at the end, so masking them is slicing them away: exact on every backend.
@@ -47,6 +47,9 @@ class AttentionBackend:
     install_hint: str = ""  # what to install for it (doctor shows it)
     kernel: Callable[[torch.device], Kernel] | None = None
     dtypes: tuple[torch.dtype, ...] = ()
+    # asked for by name where it cannot run: fall back to "auto" with one warning instead of refusing (an
+    # optional accelerator a workflow may name on a machine that lacks it)
+    falls_back: bool = False
 
     def kernel_for(self, device: torch.device) -> Kernel:
         return self.run if self.kernel is None else self.kernel(device)
@@ -143,12 +146,19 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 # --- SageAttention ------------------------------------------------------------------------------------------
+# On Hopper sageattn's automatic choice is the fp8-PV kernel, reported to turn Wan2.2 videos into noise;
+# the INT8-QK / FP16-PV CUDA kernel (what it picks on sm80) is used there when the package has it.
+_SAGE_HOPPER_KERNEL = "sageattn_qk_int8_pv_fp16_cuda"
+
+
 def _sage_choice(device: torch.device) -> Kernel | str:
     capability = device_capability(device)
     if capability is None:
         return "it needs a CUDA GPU and the sageattention package"
     if capability < FLASH_MIN_CAPABILITY:
         return f"{_gpu_text(device, capability)}; SageAttention 2 needs 8.0 or newer"
+    if capability[0] == HOPPER and (function := _function("sageattention", _SAGE_HOPPER_KERNEL)):
+        return functools.partial(function, pv_accum_dtype="fp32")
     return _function("sageattention", "sageattn") or "the sageattention package is not installed"
 
 
@@ -176,24 +186,26 @@ def _reason(choice: object) -> str | None:
     return choice if isinstance(choice, str) else None
 
 
+# Order is "auto"'s preference: flash-attn computes exact attention; SageAttention (installed, on a GPU it
+# supports) quantizes Q and K to int8, 2-3x faster than SDPA on consumer cards, close to but not the
+# official numerics; SDPA runs everywhere.
 ATTENTION_BACKENDS.register("flash", AttentionBackend(
     _flash, lambda device: _reason(_flash_choice(device)), _FLASH_HINT, _flash_kernel, _HALF))
-ATTENTION_BACKENDS.register("sdpa", AttentionBackend(_sdpa, lambda device: None))
-# After sdpa, so "auto" never picks it: it quantizes Q and K to int8 (faster, not the official numerics).
 ATTENTION_BACKENDS.register("sage", AttentionBackend(
     _sage, lambda device: _reason(_sage_choice(device)), "pip install sageattention (SageAttention 2 needs a build "
-    "matching your torch and CUDA)", _sage_kernel, _HALF))
+    "matching your torch and CUDA)", _sage_kernel, _HALF, falls_back=True))
+ATTENTION_BACKENDS.register("sdpa", AttentionBackend(_sdpa, lambda device: None))
 
 
 # --- resolution ---------------------------------------------------------------------------------------------
 _said: set[str] = set()
 
 
-def _say_once(message: str) -> None:
+def _say_once(message: str, level: int = logging.INFO) -> None:
     """Log ``message`` the first time only: every placement resolves again, the reason does not change."""
     if message not in _said:
         _said.add(message)
-        log.info(message)
+        log.log(level, message)
 
 
 def check_backend_name(backend: str) -> str:
@@ -230,6 +242,10 @@ def _auto(device: torch.device, dtype: torch.dtype) -> str:
 def _explicit(name: str, device: torch.device, dtype: torch.dtype) -> str:
     entry = ATTENTION_BACKENDS.get(name)
     reason = entry.unavailable(device)
+    if reason is not None and entry.falls_back:
+        fallback = _auto(device, dtype)
+        _say_once(f"attention backend {name!r} cannot run on {device} ({reason}): using {fallback!r}", logging.WARNING)
+        return fallback
     if reason is not None:
         raise ConfigError(f"attention backend {name!r} cannot run on {device}: {reason}; use 'auto' or 'sdpa' instead")
     if entry.dtypes and dtype not in entry.dtypes:  # the official code does this cast silently
