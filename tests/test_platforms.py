@@ -160,3 +160,27 @@ def test_model_names_from_windows_workflows_resolve(name, tmp_path, monkeypatch)
     monkeypatch.setenv("PIXELWIZARD_MODELS", str(tmp_path))
     assert host.model_path("diffusion_models", name) == file
     assert "/".join(parts) in host.model_files("diffusion_models")
+
+
+@pytest.mark.parametrize("requested, world, local_rank, expected", [
+    ("cuda:1", 1, "0", "cuda:1"),  # one process: an explicit index wins
+    ("cuda:0", 1, "3", "cuda:0"),
+    ("cuda:0", 4, "3", "cuda:3"),  # torchrun: each rank its LOCAL_RANK
+    ("cuda", 2, "1", "cuda:1"),
+    ("cpu", 2, "1", "cpu"),
+])
+def test_the_device_rule_for_one_process_and_for_torchrun_ranks(monkeypatch, requested, world, local_rank, expected):
+    from pixelwizard_core.distributed.launch import rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert rank_device(torch.device(requested), world) == torch.device(expected)
+
+
+def test_compile_with_sharded_dits_is_refused_up_front(tmp_path):
+    from pixelwizard_core.distributed.launch import from_env
+    from pixelwizard_core.errors import ConfigError
+    from pixelwizard_core.pipeline.models import ModelFiles, Models
+
+    models = Models(ModelFiles(lr=tmp_path / "lr.pt"), device="cpu", compile_blocks=True)
+    with pytest.raises(ConfigError, match="--compile with --dit_fsdp"):
+        from_env(models, dit_fsdp=True)

@@ -75,6 +75,9 @@ def from_env(models: Models, *, ulysses: int = 1, dit_fsdp: bool = False, t5_fsd
         raise ConfigError(f"--ulysses_size {ulysses} splits the work over {ulysses} processes: launch with "
                           f"torchrun --nproc_per_node {ulysses} -m pixelwizard_core generate ...")
     config.check(world)
+    if dit_fsdp and models.compile_blocks:
+        raise ConfigError("--compile with --dit_fsdp: the sharded DiTs run eagerly (their blocks gather their "
+                          "weights from every GPU as they run); use one or the other")
     if dit_fsdp and models.block_swap:
         raise ConfigError(f"--block_swap {models.block_swap} with --dit_fsdp: FSDP already splits the DiTs' "
                           "weights over the GPUs; use one or the other")

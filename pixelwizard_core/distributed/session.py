@@ -177,6 +177,9 @@ class Session:
         if handle.role == "text":
             encoder = load_sharded(handle.path, "t5", self.mesh, dtype=dtype, device=self.device)
             return TextEncoder(encoder, load_t5_tokenizer(handle.path))
+        if handle.compile and self.is_main:
+            log.warning("%s: torch.compile is not applied to FSDP-sharded DiTs (their blocks gather their weights "
+                        "from every GPU as they run); this model runs eagerly", handle.role)
         return load_sharded(handle.path, COMPONENTS[handle.role], self.mesh, dtype=dtype, device=self.device)
 
     def release(self, role: str | None = None) -> None:
