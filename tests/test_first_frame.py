@@ -81,3 +81,34 @@ def test_a_start_latent_of_another_size_is_refused():
     with pytest.raises(ConfigError, match="encode the image at the stage's size"):
         lr_anchor(WanDiT(DIT), TextConditioning(torch.zeros(1, 8, DIT.text_dim), torch.zeros(1, 8, DIT.text_dim),
                                                 "p", "n"), settings, 1, first_frame=FirstFrame(torch.zeros(1, 48, 1, 2, 2)))
+
+
+def test_hr_model_with_uniform_per_token_timesteps_equals_per_sample():
+    """The HR forward's per-token path (a pinned first frame) is the per-sample path when all tokens agree."""
+    from pixelwizard_core.models.hr import WanHRDiT
+
+    torch.manual_seed(0)
+    model = WanHRDiT(DIT).eval()
+    x = torch.randn(1, 48, 2, 8, 16)
+    anchor = torch.randn(1, 48, 2, 4, 8)
+    context = torch.randn(1, 8, DIT.text_dim)
+    t, dt = torch.tensor([700.0]), torch.tensor([250.0])
+    with torch.no_grad():
+        per_sample = model(x, t, context, dt=dt, anchor=anchor)
+        per_token = model(x, t[:, None].expand(1, 2 * 4 * 8), context, dt=dt, anchor=anchor)
+    torch.testing.assert_close(per_token, per_sample, rtol=1e-5, atol=1e-6)
+
+
+def test_hr_stage_can_pin_the_start_image():
+    from pixelwizard_core.models.hr import WanHRDiT
+    from pixelwizard_core.pipeline.stages import hr_latent
+
+    torch.manual_seed(0)
+    vae, model = WanVAE(VAE).eval(), WanHRDiT(DIT).eval()
+    settings = StageSettings(256, 128, 5, 2, 5.5, 5.0, "unipc")
+    context = torch.randn(1, 8, DIT.text_dim)
+    text = TextConditioning(context, context.clone(), "p", "n")
+    with torch.no_grad():
+        first = encode_first_frame(vae, torch.rand(70, 150, 3), settings.width, settings.height)
+        latent = hr_latent(model, torch.randn(1, 48, 2, 4, 8), text, settings, 3, first_frame=first)
+    assert torch.equal(latent[:, :, :1], first.latent)

@@ -123,9 +123,10 @@ class TorchrunStages:
         return self.session.lr_anchor(handle, text, settings, seed, first_frame)
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
-                  seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:
+                  seed: int, control: StageControl = NO_CONTROL, first_frame: FirstFrame | None = None
+                  ) -> torch.Tensor:
         self.session.progress = control.on_step
-        return self.session.hr_latent(handle, anchor.latent, text, settings, seed)
+        return self.session.hr_latent(handle, anchor.latent, text, settings, seed, first_frame)
 
     def decode_stream(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings,
                       control: StageControl = NO_CONTROL) -> Iterator[torch.Tensor]:

@@ -202,14 +202,19 @@ class WorkerPool:
         return self._run("lr_anchor", job, **control)[0]
 
     def hr_latent(self, model: ModelHandle | str | Path, anchor: Anchor | torch.Tensor, text: TextConditioning,
-                  settings: StageSettings, seed: int, **control) -> torch.Tensor:
-        """The HR latent [1, 48, T, H/16, W/16] float32 (CPU), sampled by all workers together."""
+                  settings: StageSettings, seed: int, first_frame: FirstFrame | None = None,
+                  **control) -> torch.Tensor:
+        """The HR latent [1, 48, T, H/16, W/16] float32 (CPU), sampled by all workers together;
+        ``first_frame``: a start image at the HR size pinned as its first frame."""
         handle = as_handle(model, "hr")
         latent = anchor.latent if isinstance(anchor, Anchor) else anchor
         check_stage(settings, hr=True)
         check_anchor_fits(latent, settings)
+        if first_frame is not None:
+            first_frame.check(settings.latent_shape)
         check_model_degree(handle.path, "hr", self.parallel.ulysses)
-        job = {"handle": handle, "anchor_latent": latent, "text": text, "settings": settings, "seed": seed}
+        job = {"handle": handle, "anchor_latent": latent, "text": text, "settings": settings, "seed": seed,
+               "first_frame": first_frame}
         return self._run("hr_latent", job, **control)[0]
 
     def decode(self, model: ModelHandle | str | Path, latent: torch.Tensor,

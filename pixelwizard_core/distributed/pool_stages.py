@@ -47,8 +47,9 @@ class PoolStages:
         return self.pool().lr_anchor(handle, text, settings, seed, first_frame, **_control(control))
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
-                  seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:
-        return self.pool().hr_latent(handle, anchor, text, settings, seed, **_control(control))
+                  seed: int, control: StageControl = NO_CONTROL, first_frame: FirstFrame | None = None
+                  ) -> torch.Tensor:
+        return self.pool().hr_latent(handle, anchor, text, settings, seed, first_frame, **_control(control))
 
     def decode_stream(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings,
                       control: StageControl = NO_CONTROL) -> Iterator[torch.Tensor]:

@@ -254,11 +254,11 @@ class Session:
                              on_step=self._callback("LR anchor", agree=True, report=self.is_main))
 
     def hr_latent(self, handle: ModelHandle, anchor_latent: torch.Tensor, text: TextConditioning,
-                  settings: StageSettings, seed: int) -> torch.Tensor:
+                  settings: StageSettings, seed: int, first_frame: FirstFrame | None = None) -> torch.Tensor:
         """The HR latent [1, 48, T, H/16, W/16] (CPU), sampled by every rank together."""
         self.check_stop("HR stage", agree=True)
         with self._placed(_role(handle, "hr")) as model:
-            return hr_latent(model, anchor_latent, text, settings, seed, sp=self.sp,
+            return hr_latent(model, anchor_latent, text, settings, seed, sp=self.sp, first_frame=first_frame,
                              on_step=self._callback("HR stage", agree=True, report=self.is_main))
 
     def decode_budget(self, handle: ModelHandle) -> int | None:

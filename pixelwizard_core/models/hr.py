@@ -163,13 +163,17 @@ class WanHRDiT(WanDiT):
         anchor: torch.Tensor,
         sp: SequenceParallel | None = None,
     ) -> torch.Tensor:
-        """``t`` and ``dt`` are [B] (one value per sample, the reference's constant per-token tensors);
-        ``anchor`` [B, in_dim, T, H/2, W/2] is the LR latent resized to the token grid."""
+        """``t`` and ``dt`` are [B] (one value per sample, the reference's constant per-token tensors), or
+        ``t`` is [B, L] per token (a start image pinned as frame 0: its tokens at 0, the others at the step's
+        t, which then conditions the step size and the injector); ``anchor`` [B, in_dim, T, H/2, W/2] is the LR
+        latent resized to the token grid."""
         self._check_anchor(x, anchor)
         t, dt = t.float(), dt.float()
-        e = self.time_embedding_of(t) + self.dt_embedding(t, dt)
-        t_features = sinusoidal_embedding(self.config.freq_dim, t).float()
-        dt_features = self.dt_embedding.features(t, dt)
+        step_t = t if t.dim() == 1 else t.amax(dim=1)
+        step_e = self.dt_embedding(step_t, dt)
+        e = self.time_embedding_of(t) + (step_e if t.dim() == 1 else step_e.unsqueeze(1))
+        t_features = sinusoidal_embedding(self.config.freq_dim, step_t).float()
+        dt_features = self.dt_embedding.features(step_t, dt)
 
         def control() -> torch.Tensor:  # made when block 1 needs it, dropped right after
             return self.spatial_adapter(anchor, t_features, dt_features)

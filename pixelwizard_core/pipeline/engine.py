@@ -84,8 +84,10 @@ class Stages(Protocol):
         start image's latent kept as its first frame (TI2V)."""
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
-                  seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:
-        """The HR latent [1, 48, T, H/16, W/16] float32 on the CPU."""
+                  seed: int, control: StageControl = NO_CONTROL, first_frame: FirstFrame | None = None
+                  ) -> torch.Tensor:
+        """The HR latent [1, 48, T, H/16, W/16] float32 on the CPU; ``first_frame``: a start image encoded
+        at the HR size, pinned as its first frame (off by default; untested with the released weights)."""
 
     def decode_stream(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings,
                       control: StageControl = NO_CONTROL) -> Iterator[torch.Tensor]:
@@ -132,10 +134,11 @@ class LocalStages:
                              on_preview=control.on_preview, first_frame=first_frame)
 
     def hr_latent(self, handle: ModelHandle, anchor: Anchor, text: TextConditioning, settings: StageSettings,
-                  seed: int, control: StageControl = NO_CONTROL) -> torch.Tensor:
+                  seed: int, control: StageControl = NO_CONTROL, first_frame: FirstFrame | None = None
+                  ) -> torch.Tensor:
         with self.open_model(handle, dit_activation_bytes(settings.tokens)) as model:
             return hr_latent(model, anchor.latent, text, settings, seed, on_step=control.on_step,
-                             on_preview=control.on_preview)
+                             on_preview=control.on_preview, first_frame=first_frame)
 
     def decode_stream(self, handle: ModelHandle, latent: torch.Tensor, settings: DecodeSettings,
                       control: StageControl = NO_CONTROL) -> Iterator[torch.Tensor]:

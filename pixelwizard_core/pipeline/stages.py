@@ -117,11 +117,16 @@ def hr_latent(
     on_step: StepCallback | None = None,
     on_preview: PreviewCallback | None = None,
     sp: SequenceParallel | None = None,
+    first_frame: FirstFrame | None = None,
 ) -> torch.Tensor:
     """Sample the HR latent [1, 48, T, H/16, W/16] from pure noise, guided by the anchor in both CFG branches
-    (``sp`` as in :func:`lr_anchor`; ``batch_cfg`` too, but on a CPU the branches run one after the other)."""
+    (``sp`` as in :func:`lr_anchor`; ``batch_cfg`` too, but on a CPU the branches run one after the other).
+    ``first_frame``: a start image encoded at the HR size, pinned as latent frame 0 the way the anchor stage
+    keeps it (untested with the released HR weights, which were not trained with it)."""
     check_stage(settings, hr=True)
     check_anchor_fits(anchor_latent, settings)
+    if first_frame is not None:
+        first_frame.check(settings.latent_shape)
     if not isinstance(model, WanHRDiT):
         raise ConfigError("the HR stage needs the PixelWizard HR model (2k/model.pt or 4k/model.pt), not a base DiT")
     device = _device(model)
@@ -133,13 +138,14 @@ def hr_latent(
 
     def call(x: torch.Tensor, context: torch.Tensor, index: int) -> torch.Tensor:
         batch = x.shape[0]
-        return model(x, timesteps[index].expand(batch), context, dt=step_sizes[index].expand(batch),
-                     anchor=anchor.expand(batch, -1, -1, -1, -1), sp=sp)
+        return model(x, _step_timesteps(timesteps[index], x, first_frame), context,
+                     dt=step_sizes[index].expand(batch), anchor=anchor.expand(batch, -1, -1, -1, -1), sp=sp)
 
     text = text.to(device)
     return denoise(call, make_noise(settings.latent_shape, seed, device), schedule, text.positive, text.negative,
                    cfg=settings.cfg, solver=settings.solver, batch_cfg=batch_cfg, on_step=on_step,
-                   on_preview=on_preview).cpu()
+                   on_preview=on_preview,
+                   constraint=None if first_frame is None else first_frame.constraint(device)).cpu()
 
 
 def anchor_from_video(vae, frames: torch.Tensor, width: int, height: int, prompt: str = "") -> Anchor:
