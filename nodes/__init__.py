@@ -11,6 +11,7 @@ from .anchors import (
 from .conditioning import PixelWizardTextEncode
 from .decode import PixelWizardDecodeToVideo, PixelWizardTiledDecode
 from .loaders import PixelWizardCheckpointLoader, PixelWizardWanLoader
+from .lora import PixelWizardLoRA
 from .multigpu import PixelWizardMultiGPU, PixelWizardPoolShutdown
 from .sampling import PixelWizardHRSampler
 
@@ -26,6 +27,7 @@ except (ImportError, AttributeError):  # tests and scripts: no server
 NODE_CLASS_MAPPINGS = {
     "PixelWizardWanLoader": PixelWizardWanLoader,
     "PixelWizardCheckpointLoader": PixelWizardCheckpointLoader,
+    "PixelWizardLoRA": PixelWizardLoRA,
     "PixelWizardTextEncode": PixelWizardTextEncode,
     "PixelWizardAnchorSampler": PixelWizardAnchorSampler,
     "PixelWizardAnchorPreview": PixelWizardAnchorPreview,
@@ -43,6 +45,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PixelWizardWanLoader": "PixelWizard Wan2.2 Loader",
     "PixelWizardCheckpointLoader": "PixelWizard Checkpoint Loader",
+    "PixelWizardLoRA": "PixelWizard LoRA",
     "PixelWizardTextEncode": "PixelWizard Text Encode",
     "PixelWizardAnchorSampler": "PixelWizard Anchor Sampler (LR)",
     "PixelWizardAnchorPreview": "PixelWizard Anchor Preview",

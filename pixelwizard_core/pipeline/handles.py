@@ -8,6 +8,7 @@ process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..loading import inspect_weights, load_dit, load_hr_dit, load_t5, load_t5_t
 from ..loading.folders import resolve
 from ..loading.identity import file_identity
 from ..loading.inspection import WeightsInfo
+from ..loading.lora import as_refs
 from ..models.layers import store_linears_in_fp8
 from .memory import MEMORY_MODES
 from .text import TextEncoder
@@ -58,12 +60,18 @@ class ModelHandle:
     mtime_ns: int = 0
     swap_blocks: int = 0
     compile: bool = False
+    # LoRAs ((path, strength, size, mtime_ns): loading.lora.LoraRef) merged into a DiT when the store places it
+    # (pipeline/lora.py); not part of the store's key, so another LoRA or strength never reloads the base
+    loras: tuple[tuple, ...] = ()
     # the lease of a host object that owns the model (store.ModelStore.lease); not part of what the handle
     # means, and never sent to another process
     owner: object = field(default=None, compare=False, hash=False, repr=False)
 
     def __getstate__(self) -> dict:
-        return {name: value for name, value in self.__dict__.items() if name != "owner"}
+        state = {name: value for name, value in self.__dict__.items() if name != "owner"}
+        # plain tuples: a worker pool's unpickler admits only its protocol classes (equal and hash the same)
+        state["loras"] = tuple(tuple(lora) for lora in self.loras)
+        return state
 
     def __post_init__(self) -> None:
         MEMORY_MODES.check(self.memory_mode)
@@ -71,6 +79,9 @@ class ModelHandle:
         if isinstance(swap, bool) or not isinstance(swap, int) or swap < 0:
             raise ConfigError(f"swap_blocks {swap!r}: give a whole number of DiT blocks to stream, 0 for the "
                               f"default ({DEFAULT_SWAP_BLOCKS})")
+        if self.loras and self.role not in DIT_ROLES:
+            raise ConfigError(f"LoRAs apply to the DiTs (roles lr and hr), not to the {self.role} model")
+        object.__setattr__(self, "loras", tuple(self.loras))  # a list would make the handle unhashable
         if self.compile and self.memory_mode == "block_swap" and self.role in DIT_ROLES:
             raise ConfigError("torch.compile and block swap do not go together (the swap moves weights under the "
                               "compiled blocks): turn one of them off")
@@ -100,14 +111,21 @@ class ModelHandle:
         """A handle for a model built in memory (``generate --demo``): its opener holds the model."""
         return cls(role, IN_MEMORY + role, **options)
 
+    def with_lora(self, lora: tuple) -> "ModelHandle":
+        """This handle with one more LoRA (a :class:`~..loading.lora.LoraRef`) after those it has."""
+        return dataclasses.replace(self, loras=(*self.loras, lora))
+
     @property
     def is_in_memory(self) -> bool:
         return self.path.startswith(IN_MEMORY)
 
     @property
     def identity(self) -> str:
-        """The file's identity for metadata (path below its models folder, size, content digest)."""
-        return self.path if self.is_in_memory else str(file_identity(self.path))
+        """The file's identity for metadata (path below its models folder, size, content digest), followed by
+        the identity and strength of each LoRA that changes the model."""
+        base = self.path if self.is_in_memory else str(file_identity(self.path))
+        return base + "".join(f" + LoRA {file_identity(lora.path)} @ {lora.strength:g}"
+                              for lora in as_refs(self.loras) if lora.strength)
 
     @property
     def blocks_to_swap(self) -> int:

@@ -22,6 +22,7 @@ from ..models.block_swap import check_count
 from ..loading.identity import file_identity
 from ..system import unified_memory
 from .handles import DIT_ROLES, ROLES, ModelHandle, check_kind
+from .lora import sync_loras
 from .placement import num_blocks, on_device
 from .store import ModelStore
 
@@ -108,10 +109,12 @@ class Models:
         prebuilt: dict[str, object] | None = None,
         block_swap: int = 0,
         compile_blocks: bool = False,
+        loras: dict[str, tuple] | None = None,
     ) -> None:
         """``block_swap``: 0, or how many of the LR and HR DiTs' last blocks are streamed from the CPU while
         they run; the DiTs then wait on the CPU between stages whatever ``offload`` says.
-        ``compile_blocks``: torch.compile the DiTs' blocks (not with block swap)."""
+        ``compile_blocks``: torch.compile the DiTs' blocks (not with block swap). ``loras``: role ("lr", "hr")
+        -> the LoRAs (:class:`~..loading.lora.LoraRef`) its DiT gets, merged when it is used (:mod:`.lora`)."""
         if load_mode not in LOAD_MODES:
             raise ConfigError(f"model load mode {load_mode!r}: choose one of {', '.join(LOAD_MODES)}")
         if isinstance(block_swap, bool) or not isinstance(block_swap, int) or block_swap < 0:
@@ -133,6 +136,7 @@ class Models:
         self.attention = attention
         self.block_swap = block_swap
         self.compile_blocks = compile_blocks
+        self.loras = {role: tuple(items) for role, items in (loras or {}).items() if items}
         # models built in memory (``generate --demo``): used as if loaded, no file needed
         self._prebuilt: dict[str, object] = dict(prebuilt or {})
         self.store = ModelStore(one_per_role=True)
@@ -174,7 +178,7 @@ class Models:
         swap = self._swap(role)
         mode = "block_swap" if swap else "offload" if self.offload else "gpu"
         options = dict(precision=PRECISION_NAMES[dtype], attention=self.attention, memory_mode=mode,
-                       swap_blocks=swap, compile=self.compile_blocks)
+                       swap_blocks=swap, compile=self.compile_blocks, loras=self.loras.get(role, ()))
         if role in self._prebuilt:
             return ModelHandle.in_memory(role, **options)
         self.files.require(role)
@@ -186,6 +190,7 @@ class Models:
         or dropped in load mode "reload"): the opener of :class:`~.engine.LocalStages`."""
         role = handle.role
         if handle.is_in_memory:
+            sync_loras(self._prebuilt[role], handle.loras, self._work_device(role))
             with on_device(self._prebuilt[role], self._work_device(role), home=self._home(role),
                            swap_blocks=self._swap(role)) as model:
                 yield model

@@ -5,7 +5,8 @@ processes (:class:`~pixelwizard_core.distributed.session.Session`) all get their
 handle means the same model everywhere: two handles that differ in anything that changes the loaded
 object (file content, precision, ``compile``, FSDP sharding) are two entries, never one answering for
 the other. Placement between uses (gpu / offload / block swap) is not part of the key: it is applied
-by :func:`.placement.on_device` on every use.
+by :func:`.placement.on_device` on every use. Nor are a handle's LoRAs: :meth:`ModelStore.use` merges
+them into the loaded model (:mod:`.lora`), so another LoRA or strength never reloads the base.
 
 A host with its own memory manager (ComfyUI) plugs in through :class:`HostMemory`; the default does
 nothing, and the store manages placement itself. A host whose objects own models (ComfyUI's node
@@ -31,6 +32,7 @@ import torch
 from ..loading.identity import FileIdentity, file_identity
 from ..models.block_swap import empty_host_cache
 from .handles import ModelHandle, load
+from .lora import sync_loras
 from .placement import module_of, on_device
 
 log = logging.getLogger("pixelwizard")
@@ -148,6 +150,8 @@ class ModelStore:
         caller that drops it next); ``swap_blocks`` None: the handle's. ``working_bytes``: what the stage
         needs beyond the weights (activations), for a host that makes room before placing the model."""
         model = self.get(handle, device if home is None else home, sharded=sharded, loader=loader)
+        with self._lock:  # the handle's LoRAs merged (or the base restored): the model is shared by handles
+            sync_loras(model, handle.loras, device, sharded=sharded)
         swap = handle.swap_for(model) if swap_blocks is None else swap_blocks
         self.host.before_use(StoreKey.of(handle, sharded), model, device, resident_bytes=resident_bytes(model, swap),
                              working_bytes=working_bytes)
