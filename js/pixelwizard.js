@@ -1,15 +1,20 @@
 // PixelWizard ComfyUI frontend extension: the browser glue. Logic lives in pixelwizard_logic.js (tested by node).
 //  - HR sampler: choosing a preset fills width, height, steps and shift, and num_patches on connected decoders;
 //    editing width/height/shift away from the preset switches it to "custom" (the node ignores them otherwise);
-//    an info line shows the token count and the estimated peak VRAM of the HR stage.
+//    an info line shows the token count and the estimated peak VRAM of the HR stage. It depends on nodes
+//    upstream (the anchor's frames, the loaders' precision and memory mode), so it is recomputed when a link or
+//    a widget anywhere in the graph changes, and when a graph is loaded; never while drawing.
 //  - Anchor Load: shows the anchor's prompt, seed and size: read from the file's safetensors header (through
-//    ComfyUI's /view) as soon as an anchor is picked, and from the node's ui text after it runs.
+//    ComfyUI's /view) as soon as an anchor is picked, and from the node's ui text after it runs. A file that is
+//    not there yet (the anchors a workflow's step 1 will save) says so instead of showing the 404.
 //  - Anchor Save / Decode to Video: show the file they wrote.
+// Links are read through the node API (isInputConnected, getInputNode), not the deprecated input.link.
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import {
-  DEFAULT_FRAMES, anchorFromMetadata, anchorSummary, anchorViewPath, framesAfterCut, hrSummary, parseAnchorText,
-  presetAfterEdit, presetValues, safetensorsHeaderLength, safetensorsMetadata, uiText,
+  AUTO_MEMORY, DEFAULT_FRAMES, anchorFromMetadata, anchorMissingText, anchorSummary, anchorViewPath,
+  estimatedMemoryMode, framesAfterCut, hrSummary, parseAnchorText, presetAfterEdit, presetValues,
+  safetensorsHeaderLength, safetensorsMetadata, uiText,
 } from "./pixelwizard_logic.js";
 
 const HR = "PixelWizardHRSampler";
@@ -55,9 +60,15 @@ function showLines(node, lines) {
   node.setDirtyCanvas?.(true, false);
 }
 
+/** Whether input slot `index` of `node` has a link (through the node API; input.link is deprecated). */
+function isConnected(node, index) {
+  if (typeof node.isInputConnected === "function") return node.isInputConnected(index);
+  return node.getInputLink?.(index) != null;
+}
+
 function inputNode(node, name) {
   const index = node.inputs?.findIndex((i) => i.name === name) ?? -1;
-  return index >= 0 && node.inputs[index].link != null ? node.getInputNode(index) : null;
+  return index >= 0 && isConnected(node, index) ? node.getInputNode(index) : null;
 }
 
 /** Frames of the anchor feeding `node` (its frame count is the HR video's): {frames, known}. */
@@ -81,8 +92,8 @@ function ancestors(node) {
   const stack = [node];
   while (stack.length) {
     const current = stack.pop();
-    (current.inputs ?? []).forEach((input, index) => {
-      const up = input.link == null ? null : current.getInputNode(index);
+    (current.inputs ?? []).forEach((_, index) => {
+      const up = isConnected(current, index) ? current.getInputNode(index) : null;
       if (up && up !== node && !seen.has(up)) {
         seen.add(up);
         stack.push(up);
@@ -92,32 +103,64 @@ function ancestors(node) {
   return [...seen];
 }
 
-/** Precision of the HR model and which other models stay on the GPU, from the loaders upstream. */
+/** Precision of the HR model, which other models stay on the GPU, and whether a loader says "auto". */
 function memorySetup(node) {
   const hrLoader = inputNode(node, "hr_model");
   const value = (n, name, fallback) => widget(n, name)?.value ?? fallback;
+  const mode = (n) => estimatedMemoryMode(value(n, "memory_mode", AUTO_MEMORY));
   const resident = [];
   const upstream = ancestors(node);
   const lrCheckpoint = upstream.find((n) => n !== hrLoader && n.type === "PixelWizardCheckpointLoader");
-  for (const n of upstream) {
-    if (value(n, "memory_mode", "offload") !== "gpu") continue;
+  const loaders = upstream.filter((n) => n.type === "PixelWizardWanLoader" || n === lrCheckpoint || n === hrLoader);
+  for (const n of loaders) {
+    if (mode(n) !== "gpu") continue;
     if (n.type === "PixelWizardWanLoader") resident.push("text", "vae", ...(lrCheckpoint ? [] : ["lr"]));
     if (n === lrCheckpoint) resident.push("lr");
   }
-  const swapping = hrLoader && value(hrLoader, "memory_mode", "gpu") === "block_swap";
+  const swapping = hrLoader && mode(hrLoader) === "block_swap";
   const swapBlocks = swapping ? Math.min(value(hrLoader, "swap_blocks", 0) || DEFAULT_SWAP_BLOCKS, 30) : 0;
-  return { precision: hrLoader ? value(hrLoader, "precision", "bf16") : "bf16", resident, swapBlocks };
+  const auto = loaders.some((n) => value(n, "memory_mode", AUTO_MEMORY) === AUTO_MEMORY);
+  return { precision: hrLoader ? value(hrLoader, "precision", "bf16") : "bf16", resident, swapBlocks, auto };
 }
 
 function refreshHR(node) {
   const get = (name) => widget(node, name)?.value;
   const { frames, known } = anchorFrames(node);
-  const { precision, resident, swapBlocks } = memorySetup(node);
+  const { precision, resident, swapBlocks, auto } = memorySetup(node);
   const summary = hrSummary({
     preset: get("preset"), width: get("width"), height: get("height"), frames, framesKnown: known,
-    precision: ["bf16", "fp16", "fp32", "fp8"].includes(precision) ? precision : "bf16", resident, swapBlocks,
+    precision: ["bf16", "fp16", "fp32", "fp8"].includes(precision) ? precision : "bf16", resident, swapBlocks, auto,
   });
   showLines(node, summary.lines);
+}
+
+// The HR samplers alive in the page. Their info line depends on the graph upstream, so any change to a link or a
+// widget value marks them stale; one refresh runs after the current event (many changes, e.g. while a graph
+// loads, give one refresh).
+const hrNodes = new Set();
+let refreshQueued = false;
+
+function refreshAllHR() {
+  refreshQueued = false;
+  for (const node of hrNodes) {
+    if (!node.graph) hrNodes.delete(node); // removed from its graph
+    else refreshHR(node);
+  }
+}
+
+function graphChanged() {
+  if (refreshQueued || !hrNodes.size) return;
+  refreshQueued = true;
+  queueMicrotask(refreshAllHR);
+}
+
+/** Every node: a change of its links or of a widget value may change an HR sampler's info line. */
+function watchNode(node) {
+  chain(node, "onConnectionsChange", graphChanged);
+  chain(node, "onWidgetChanged", graphChanged);
+  for (const w of node.widgets ?? []) {
+    if (w.name !== INFO) chain(w, "callback", graphChanged);
+  }
 }
 
 function setValue(node, name, value) {
@@ -149,6 +192,7 @@ function chain(object, method, after) {
 function setupHR(nodeType) {
   chain(nodeType.prototype, "onNodeCreated", function () {
     const node = this;
+    hrNodes.add(node);
     const preset = widget(node, "preset");
     chain(preset, "callback", () => { applyPreset(node); refreshHR(node); });
     for (const name of ["width", "height", "shift"]) {
@@ -167,14 +211,14 @@ function setupHR(nodeType) {
   });
   chain(nodeType.prototype, "onConfigure", function () { refreshHR(this); });
   chain(nodeType.prototype, "onConnectionsChange", function () { refreshHR(this); });
-  // upstream widgets (anchor frames, loader precision/memory mode) change without telling this node
-  chain(nodeType.prototype, "onDrawForeground", function () { refreshHR(this); });
+  chain(nodeType.prototype, "onRemoved", function () { hrNodes.delete(this); });
 }
 
 function refreshDownstreamHR(node) {
   for (const target of node.getOutputNodes?.(0) ?? []) {
     if (target.type === HR) refreshHR(target);
   }
+  graphChanged(); // HR samplers further down (through other nodes)
 }
 
 function showAnchor(node, info, fallback = "") {
@@ -185,7 +229,8 @@ function showAnchor(node, info, fallback = "") {
 
 async function readRange(path, end) {
   const response = await api.fetchApi(path, { headers: { Range: `bytes=0-${end}` } });
-  if (!response.ok) throw new Error(`${response.status} for ${path}`);
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error(`could not read the anchor (${response.status} for ${path})`);
   return new Uint8Array(await response.arrayBuffer());
 }
 
@@ -197,8 +242,12 @@ async function loadAnchorInfo(node) {
   if (!path) return showAnchor(node, null);
   try {
     let bytes = await readRange(path, 65535);
+    if (bytes === null) {
+      if (node.pwChoice === choice) showAnchor(node, null, anchorMissingText(choice));
+      return;
+    }
     const length = safetensorsHeaderLength(bytes);
-    if (length !== null && length > bytes.byteLength) bytes = await readRange(path, length - 1);
+    if (length !== null && length > bytes.byteLength) bytes = (await readRange(path, length - 1)) ?? bytes;
     const info = anchorFromMetadata(safetensorsMetadata(bytes));
     if (node.pwChoice === choice) showAnchor(node, info, info ? "" : `${choice}: not a PixelWizard anchor`);
   } catch (error) {
@@ -228,8 +277,17 @@ function setupFileReport(nodeType, label) {
   });
 }
 
+// The frontend's change tracker announces every change it records (undo/redo, paste, edits of any kind).
+api.addEventListener?.("graphChanged", graphChanged);
+
 app.registerExtension({
   name: "PixelWizard.ui",
+  nodeCreated(node) {
+    watchNode(node);
+  },
+  afterConfigureGraph() {
+    graphChanged();
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === HR) setupHR(nodeType);
     else if (nodeData.name === "PixelWizardAnchorLoad") setupAnchorLoad(nodeType);

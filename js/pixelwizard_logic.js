@@ -133,9 +133,29 @@ export function formatGiB(bytes) {
   return `${(bytes / GIB).toFixed(1)} GiB`;
 }
 
-/** The HR sampler's info lines: tokens and the estimated peak VRAM of its stage. */
+// The loaders' memory modes: MEMORY_MODES of pixelwizard_core/pipeline/memory.py, plus the nodes' "auto", which
+// follows ComfyUI's VRAM state (nodes/host.py memory_mode: --highvram -> gpu, --lowvram/--novram -> block_swap,
+// otherwise offload). The browser does not know the server's VRAM state, so the estimate counts "auto" as
+// "offload", ComfyUI's normal mode, and the info line says so.
+export const AUTO_MEMORY = "auto";
+
+/** The memory mode the estimate assumes for a loader's memory_mode choice. */
+export function estimatedMemoryMode(choice) {
+  return choice === AUTO_MEMORY ? "offload" : choice;
+}
+
+/** Where the other models are during the HR stage, as the info line says it. */
+function othersNote(resident, auto) {
+  if (resident.length) return "others kept on GPU";
+  return auto ? "auto counted as offload" : "others offloaded";
+}
+
+/**
+ * The HR sampler's info lines: tokens and the estimated peak VRAM of its stage.
+ * `auto`: some loader upstream has memory_mode "auto" (counted as "offload", see estimatedMemoryMode).
+ */
 export function hrSummary({
-  preset, width, height, frames, framesKnown = true, precision = "bf16", resident = [], swapBlocks = 0,
+  preset, width, height, frames, framesKnown = true, precision = "bf16", resident = [], swapBlocks = 0, auto = false,
 }) {
   const size = effectiveSize(preset, width, height);
   const tokens = tokenCount(size.width, size.height, frames);
@@ -146,7 +166,7 @@ export function hrSummary({
     hrBytes: stages.hr,
     lines: [
       `${size.width}x${size.height} · ${framesNote} · ${tokens.toLocaleString("en-US")} tokens`,
-      `peak VRAM ≈ ${formatGiB(stages.hr)} (est.; ${resident.length ? "others kept on GPU" : "others offloaded"})`,
+      `peak VRAM ≈ ${formatGiB(stages.hr)} (est.; ${othersNote(resident, auto)})`,
     ],
   };
 }
@@ -191,6 +211,14 @@ export function framesAfterCut(count) {
 // Reading just the header lets the loader show an anchor as soon as it is picked, before anything runs.
 export const ANCHOR_FOLDER = "pixelwizard/anchors";
 export const ANCHOR_KIND = "pixelwizard.anchor";
+
+/**
+ * What Anchor Load shows when its file is not there (ComfyUI's /view answers 404): before a first run, the
+ * anchor a workflow names in output/ is written by its step 1 (Anchor Save); one in input/ is copied there.
+ */
+export function anchorMissingText(choice) {
+  return /^input\//.test(choice ?? "") ? `not in input/${ANCHOR_FOLDER}: copy it there` : "not saved yet: queue step 1";
+}
 
 /** /view URL (with its query) of an Anchor Load choice such as "output/x.safetensors", or null. */
 export function anchorViewPath(choice) {

@@ -1,8 +1,7 @@
 """Fetch the weight files from the Hugging Face Hub into a models folder, resumably, and check each one.
 
-:data:`MODEL_FILES` is the table of every file PixelWizard knows: its name, hub repository, path in the
-repository, URL, ComfyUI ``models`` sub-folder and loader component. The ComfyUI workflows' model links
-(``properties.models``: name, url, directory) come from :meth:`ModelFile.comfy_entry`.
+:data:`MODEL_FILES` is the table of every file PixelWizard knows (name, hub repository and path, URL,
+ComfyUI ``models`` sub-folder, loader component); :func:`groups` says which files serve which purpose.
 
 A models folder is laid out as ComfyUI's: ``diffusion_models/``, ``text_encoders/``, ``vae/`` (the
 official Wan-AI folder, which holds every component, sits at its top as ``Wan2.2-TI2V-5B/``). A flat
@@ -25,7 +24,6 @@ import hashlib
 import logging
 import os
 import shutil
-
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -146,6 +144,8 @@ def groups() -> dict[str, tuple[str, ...]]:
     """Items of the download command and what they expand to (one per HR preset: its checkpoint)."""
     presets = {name: (preset.checkpoint,) for name, preset in HR_PRESETS.items()}
     return {
+        "cli": ("vae", "t5_fp16", "lr", "2k"),  # a command-line 2K run: its LR stage never loads the base DiT
+        "comfyui": ("dit", "vae", "t5_fp8", "lr", "2k"),  # what the example workflows name (4K: add "4k")
         "wan": ("dit", "vae", "t5_fp16"),
         "official": tuple(f.key for f in known_files() if f.key.startswith("official:")),
         "lr": ("lr",),
@@ -154,13 +154,29 @@ def groups() -> dict[str, tuple[str, ...]]:
     }
 
 
-DEFAULT_ITEMS = ("wan", "lr", "2k")
+DEFAULT_ITEMS = ("cli",)
 TEXT_ENCODERS = {"fp16": "t5_fp16", "fp8": "t5_fp8"}
 
 
-def select(items: Iterable[str] = DEFAULT_ITEMS, *, text_encoder: str = "fp16") -> list[ModelFile]:
-    """The files named by ``items`` (groups, keys or file names), in table order, without repeats."""
-    if text_encoder not in TEXT_ENCODERS:
+def is_comfyui_models(root: str | Path) -> bool:
+    """Whether ``root`` is a ComfyUI ``models`` folder (ComfyUI ships ``models/checkpoints/``; it sits beside
+    ``custom_nodes/``): then ``download`` fetches what the example workflows name, fp8 umT5 included."""
+    root = Path(root).expanduser()
+    return (root / "checkpoints").is_dir() or (root.parent / "custom_nodes").is_dir()
+
+
+def default_items(root: str | Path) -> tuple[str, ...]:
+    return ("comfyui",) if is_comfyui_models(root) else DEFAULT_ITEMS
+
+
+def default_text_encoder(root: str | Path) -> str:
+    return "fp8" if is_comfyui_models(root) else "fp16"  # fp16: the reference's precision
+
+
+def select(items: Iterable[str] = DEFAULT_ITEMS, *, text_encoder: str | None = None) -> list[ModelFile]:
+    """The files named by ``items`` (groups, keys or file names), in table order, without repeats.
+    ``text_encoder`` ("fp16" or "fp8"), when given, replaces the umT5 file the groups name by that one."""
+    if text_encoder is not None and text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"text encoder {text_encoder!r}: choose one of {', '.join(TEXT_ENCODERS)}")
     keys: set[str] = set()
     item_groups = groups()
@@ -173,9 +189,9 @@ def select(items: Iterable[str] = DEFAULT_ITEMS, *, text_encoder: str = "fp16") 
             raise ConfigError(
                 f"unknown download item {item!r}: use one of {', '.join(item_groups)}, a file key "
                 f"({', '.join(k for k in FILES_BY_KEY if not k.startswith('official:'))}) or a file name")
-    if text_encoder == "fp8" and "t5_fp16" in keys:
-        keys.discard("t5_fp16")
-        keys.add("t5_fp8")
+    if text_encoder is not None and keys & set(TEXT_ENCODERS.values()):
+        keys -= set(TEXT_ENCODERS.values())
+        keys.add(TEXT_ENCODERS[text_encoder])
     return [f for f in known_files() if f.key in keys]
 
 
@@ -235,27 +251,27 @@ def hr_key(width: int, height: int) -> str:
     return preset_for_size(width, height).checkpoint
 
 
-def role_candidates(role: str, width: int, height: int) -> list[str]:
-    """Files that can fill a role of a run, preferred first; the first is the one to download.
-
-    The LR stage takes the PixelWizard LR model, else the base DiT (as the reference does without
-    ``--lr_ckpt``); the text encoder and VAE come in either layout."""
+def role_candidates(role: str, width: int, height: int, text_encoder: str = "fp16") -> list[str]:
+    """Files that can fill a role of a run, preferred first; the first is the one to download. The LR stage
+    takes the PixelWizard LR model, else the base DiT (as the reference does without ``--lr_ckpt``)."""
+    first = TEXT_ENCODERS[text_encoder]
     return {
-        "text": ["t5_fp16", "t5_fp8", "official:t5"],
+        "text": [first, *(k for k in ("t5_fp16", "t5_fp8", "official:t5") if k != first)],
         "vae": ["vae", "official:vae"],
         "lr": ["lr", "dit", "official:dit"],
         "hr": [hr_key(width, height)],
     }[role]
 
 
-def run_files(root: str | Path, width: int, height: int,
-              roles: Sequence[str] = RUN_ROLES) -> tuple[dict[str, Path], list[ModelFile]]:
+def run_files(root: str | Path, width: int, height: int, roles: Sequence[str] = RUN_ROLES,
+              text_encoder: str | None = None) -> tuple[dict[str, Path], list[ModelFile]]:
     """For a run at ``width`` x ``height``: the file found for each role in ``root``, and the files to
-    download for the roles that have none."""
+    download for the roles that have none (umT5: ``text_encoder``, default :func:`default_text_encoder`)."""
     found: dict[str, Path] = {}
     missing: list[ModelFile] = []
+    encoder = text_encoder or default_text_encoder(root)
     for role in roles:
-        keys = role_candidates(role, width, height)
+        keys = role_candidates(role, width, height, encoder)
         for key in keys:
             path = locate(FILES_BY_KEY[key], root)
             if path is not None:
@@ -581,15 +597,3 @@ def _check_space(remotes: list[Remote], root: Path) -> None:
 def _existing_part(remote: Remote) -> int:
     part = _part_path(remote.destination, remote.etag)
     return part.stat().st_size if part.exists() else 0
-
-
-def summary(results: Sequence[FileResult]) -> str:
-    """A table for people: status, size, path, and each problem."""
-    lines = []
-    for r in results:
-        size = f"{r.size / 1e9:7.2f} GB" if r.size else "          "
-        lines.append(f"  {r.status:<10} {size}  {r.path}")
-        if r.problem and r.status == "bad":
-            lines.append(f"      {r.problem}")
-    return "\n".join(lines)
-

@@ -19,7 +19,7 @@ torch.set_num_threads(2)
 # these modules as a whole, and the tests named below (measured with --durations on 2 cores).
 # Spawning processes (pools, torchrun ranks) and training runs: CI runs them, the inner loop does not
 SLOW_MODULES = {"test_pool.py", "test_pool_portable.py", "test_distributed.py", "test_gpu_benchmark.py",
-                "test_comfyui_integration.py"}
+                "test_comfyui_integration.py", "test_toy_pipeline.py"}
 SLOW_TESTS = {
     "test_sequence_parallel_hr_forward_equals_single_process",
     "test_full_graph_on_a_two_process_pool_equals_the_local_graph",
@@ -27,6 +27,11 @@ SLOW_TESTS = {
     "test_stages_apart_equal_generate_in_one_go",
     "test_shortcut_training_makes_4_step_sampling_match_the_exact_flow",
     "test_train_command_with_fsdp_on_two_processes",
+    # the command line in a terminal and under stop signals (real processes, 10-25 s each on 2 cores)
+    "test_bars_start_after_the_load_with_their_totals_and_logs_keep_their_own_rows",
+    "test_the_demo_in_a_terminal",
+    "test_ctrl_c_and_a_closed_terminal_during_the_decode_end_the_same_way",
+    "test_sigterm_to_two_torchrun_ranks_during_the_decode",
 }
 
 

@@ -56,13 +56,16 @@ def test_generate_writes_a_video_of_the_right_size(weights, tmp_path, layout):
 
 def test_stages_apart_equal_generate_in_one_go(weights, tmp_path):
     models = [*official_args(weights), *DEVICE]
+    folder, pw = ["--ckpt_dir", str(weights["official"])], weights["pw"]
     assert main(["generate", *models, *LR, *HR, *DECODE, "--prompt", "a boat", "--base_seed", "7",
                  "--video_dir", str(tmp_path / "one"), "--save_dir", str(tmp_path / "one_latents")]) == 0
-    assert main(["anchor", *models, *LR, "--prompt", "a boat", "--base_seed", "7",
-                 "--anchor_dir", str(tmp_path / "anchors")]) == 0
+    # each stage command takes the weight flags of the models it loads, and only those
+    assert main(["anchor", *folder, "--lr_ckpt", str(pw["lr"]), *DEVICE, *LR, "--prompt", "a boat",
+                 "--base_seed", "7", "--anchor_dir", str(tmp_path / "anchors")]) == 0
     anchor = Anchor.load(tmp_path / "anchors" / "0.safetensors")
     assert (anchor.prompt, anchor.seed, anchor.frames, anchor.width) == ("a boat", 107, 5, 128)
-    assert main(["upscale", *models, *HR, str(tmp_path / "anchors" / "0.safetensors"), "--latent_only",
+    assert main(["upscale", *folder, "--hr_ckpt", str(pw["hr"]), *DEVICE, *HR,
+                 str(tmp_path / "anchors" / "0.safetensors"), "--latent_only",
                  "--save_dir", str(tmp_path / "latents")]) == 0
     apart, meta = load_hr_latent(tmp_path / "latents" / "0.safetensors")
     together, one_meta = load_hr_latent(tmp_path / "one_latents" / "0.safetensors")
@@ -70,7 +73,7 @@ def test_stages_apart_equal_generate_in_one_go(weights, tmp_path):
     hr_identity = str(file_identity(weights["pw"]["hr"]))
     assert meta["hr_model"] == one_meta["hr_model"] == hr_identity  # the HR model is recorded, by content
     assert meta["anchor_model"] == anchor.model == str(file_identity(weights["pw"]["lr"])) != hr_identity
-    assert main(["decode", *models, *DECODE, str(tmp_path / "latents" / "0.safetensors"),
+    assert main(["decode", *folder, "--device", "cpu", *DECODE, str(tmp_path / "latents" / "0.safetensors"),
                  "--video_dir", str(tmp_path / "two"), "--png"]) == 0
     assert torch.equal(read_video(tmp_path / "two" / "0.mp4"), read_video(tmp_path / "one" / "0.mp4"))
     assert len(list((tmp_path / "two" / "0_frames").glob("*.png"))) == 5
@@ -115,3 +118,17 @@ def test_empty_prompt_file_is_refused(weights, tmp_path, caplog):
     empty.write_text("\n\n")
     assert main(["generate", *official_args(weights), *FAST, "--prompt_file", str(empty)]) == 2
     assert "no prompts" in caplog.text
+
+
+def test_decode_takes_only_the_vae_from_a_partial_official_folder(weights, tmp_path):
+    import shutil
+
+    from pixelwizard_core.pipeline.anchors import save_hr_latent
+
+    folder = tmp_path / "Wan2.2-TI2V-5B"  # only the VAE was downloaded: decode needs nothing else
+    folder.mkdir()
+    shutil.copy(weights["official"] / "Wan2.2_VAE.pth", folder)
+    latent = save_hr_latent(tmp_path / "l.safetensors", torch.randn(1, 48, 2, 4, 8), {"prompt": "a"})
+    assert main(["decode", "--ckpt_dir", str(folder), "--device", "cpu", "--num_patches", "1", str(latent),
+                 "--video_dir", str(tmp_path / "v")]) == 0
+    assert tuple(read_video(tmp_path / "v" / "l.mp4").shape) == (5, 64, 128, 3)

@@ -15,13 +15,14 @@ from safetensors.torch import save as save_bytes
 
 from pixelwizard_core import download as dl
 from pixelwizard_core.cli import main
+from pixelwizard_core.setup_cli import summary
 
 
 def test_files_land_in_their_comfyui_folders_and_a_second_run_downloads_nothing(hub, repo_files, tmp_path):
     models = tmp_path / "models"
     files = dl.select(["wan", "lr", "2k"])
     results = dl.download(files, models)
-    assert [r.status for r in results] == ["downloaded"] * 5, dl.summary(results)
+    assert [r.status for r in results] == ["downloaded"] * 5, summary(results)
     expected = {"diffusion_models/wan2.2_ti2v_5B_fp16.safetensors", "vae/wan2.2_vae.safetensors",
                 "text_encoders/umt5_xxl_fp16.safetensors", "diffusion_models/PixelWizard/lr/model.pt",
                 "diffusion_models/PixelWizard/2k/model.pt"}
@@ -125,7 +126,10 @@ def test_offline_mode_never_asks_the_hub_but_uses_its_cache(hub, repo_files, mon
 
 
 def test_selection_and_the_table():
-    assert [f.key for f in dl.select()] == ["dit", "vae", "t5_fp16", "lr", "2k"]
+    # the default is what a command-line 2K run loads: not the 10 GB base DiT the LR stage never opens
+    assert [f.key for f in dl.select()] == ["vae", "t5_fp16", "lr", "2k"]
+    assert [f.key for f in dl.select(["comfyui"])] == ["dit", "vae", "t5_fp8", "lr", "2k"]
+    assert [f.key for f in dl.select(["comfyui"], text_encoder="fp16")] == ["dit", "vae", "t5_fp16", "lr", "2k"]
     assert [f.key for f in dl.select(["wan"], text_encoder="fp8")] == ["dit", "vae", "t5_fp8"]
     assert {f.key for f in dl.select(["official"])} >= {"official:dit", "official:vae", "official:t5"}
     with pytest.raises(dl.ConfigError, match="unknown download item"):
@@ -171,3 +175,95 @@ def test_generate_download_fetches_what_is_missing_then_generates(hub, tmp_path)
                      if method == "GET" and "/resolve/" in path)
     assert fetched == ["2k/model.pt", "lr/model.pt", "split_files/vae/wan2.2_vae.safetensors"]
     assert tuple(read_video(tmp_path / "videos" / "0.mp4").shape) == (5, 128, 256, 3)
+
+
+# --- downloads by purpose, the compact list, the models folder of every command ---------------------------
+
+
+def _comfyui_models(root: Path) -> Path:
+    """A ComfyUI models folder as ComfyUI ships it (checkpoints/ among its sub-folders)."""
+    (root / "checkpoints").mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize("comfyui, expected", [(False, ["vae", "t5_fp16", "lr", "2k"]),
+                                               (True, ["dit", "vae", "t5_fp8", "lr", "2k"])])
+def test_download_without_items_fetches_by_purpose(tmp_path, monkeypatch, comfyui, expected):
+    root = _comfyui_models(tmp_path / "models") if comfyui else tmp_path / "models"
+    asked = []
+    monkeypatch.setattr(dl, "download", lambda files, *a, **k: asked.extend(f.key for f in files) or [])
+    assert main(["download", "--models", str(root)]) == 0
+    assert asked == expected
+    asked.clear()
+    assert main(["download", "--models", str(root), "--text_encoder", "fp16", "wan"]) == 0
+    assert asked == ["dit", "vae", "t5_fp16"]
+
+
+def test_the_downloader_has_every_file_the_workflows_name():
+    import json
+
+    names = {(m["name"], m["directory"]) for path in Path(__file__).parents[1].glob("workflows/*.json")
+             for node in json.loads(path.read_text())["nodes"] for m in node.get("properties", {}).get("models") or []}
+    offered = {(f.name, f.folder) for f in dl.select(["comfyui", "4k"])}
+    assert names and names <= offered, names - offered
+
+
+def test_the_list_is_compact_and_shows_the_size_on_disk(tmp_path, capsys):
+    vae = tmp_path / "vae" / "wan2.2_vae.safetensors"
+    vae.parent.mkdir()
+    with open(vae, "wb") as handle:
+        handle.truncate(250_000_000)  # sparse: 0.25 GB on disk where the release is 1.4 GB
+    assert main(["download", "--list", "--models", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"models folder: {tmp_path}"
+    assert all(len(line) <= 100 for line in lines[1:]), max(lines[1:], key=len)
+    row = next(line for line in lines if line.startswith("vae "))
+    assert row.split() == ["vae", "0.2", "GB", "present", "vae/wan2.2_vae.safetensors"]
+    assert next(line for line in lines if line.startswith("dit ")).split()[1:4] == ["10.0", "GB", "missing"]
+    assert "  Comfy-Org/Wan_2.2_ComfyUI_Repackaged: dit, vae" in lines
+
+
+def test_generate_in_a_comfyui_folder_asks_for_the_workflows_text_encoder(tmp_path, caplog):
+    models = _comfyui_models(tmp_path / "models")
+    assert main(["generate", "--models", str(models), "--prompt", "x", *FAST]) == 2
+    assert "download t5_fp8 vae lr 2k" in caplog.text
+
+
+@pytest.mark.parametrize("command, extra, items", [
+    ("anchor", ["--prompt", "x"], "t5_fp16 lr"),
+    ("upscale", ["a.safetensors"], "t5_fp16 2k vae"),
+    ("decode", ["l.safetensors"], "vae"),
+])
+def test_every_stage_command_reads_the_models_folder(tmp_path, caplog, monkeypatch, command, extra, items):
+    import torch
+
+    from pixelwizard_core.pipeline.anchors import Anchor, save_hr_latent
+    from pixelwizard_core.pipeline.store import ModelStore
+
+    monkeypatch.setattr(ModelStore, "_load", lambda self, key, *rest: pytest.fail(f"loaded {key.role}"))
+    monkeypatch.chdir(tmp_path)
+    Anchor(torch.zeros(1, 48, 2, 4, 8), "a", "", seed=1, width=128, height=64, frames=5, steps=3, shift=5.0,
+           cfg=5.0).save("a.safetensors")
+    save_hr_latent("l.safetensors", torch.zeros(1, 48, 2, 8, 16), {"prompt": "a"})
+    empty = tmp_path / "models"
+    options = {"anchor": ["--lr_size", "128*64", "--frame_num", "5"], "upscale": ["--resolution", "256x128"],
+               "decode": []}[command]
+    assert main([command, "--models", str(empty), "--device", "cpu", *options, *extra]) == 2
+    assert f"python -m pixelwizard_core download {items} --models {empty}" in caplog.text
+
+
+def test_decode_runs_from_the_models_folder_alone(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from tiny_models import state_dicts
+
+    from pixelwizard_core.io.video import read_video
+    from pixelwizard_core.pipeline.anchors import save_hr_latent
+
+    vae = tmp_path / "models" / "vae" / "wan2.2_vae.safetensors"  # where `download vae` puts it
+    vae.parent.mkdir(parents=True)
+    save_file({k: v.half() for k, v in state_dicts()["vae"].items()}, vae)
+    latent = save_hr_latent(tmp_path / "l.safetensors", torch.randn(1, 48, 2, 4, 8), {"prompt": "a"})
+    assert main(["decode", "--models", str(tmp_path / "models"), "--device", "cpu", "--num_patches", "1", str(latent),
+                 "--video_dir", str(tmp_path / "v")]) == 0
+    assert tuple(read_video(tmp_path / "v" / "l.mp4").shape) == (5, 64, 128, 3)

@@ -79,6 +79,19 @@ def test_vram_estimate_equals_the_memory_model():
         assert (js["anchor"], js["hr"]) == (stages["anchor"], stages["hr"]), f"{w}x{h} {f} frames {p} blockswap"
 
 
+def test_memory_mode_choices_are_estimated_as_the_loaders_resolve_them():
+    """Every memory_mode the loaders offer is understood by the JS estimate; "auto" follows ComfyUI's VRAM state,
+    which the browser does not know, so it is estimated as "offload": what it resolves to in ComfyUI's normal VRAM
+    mode (and outside ComfyUI)."""
+    from nodes import host, loaders
+
+    choices = list(loaders.memory_mode_input()[0])
+    assert "auto" in choices
+    got = run_js(f"{json.dumps(choices)}.map((c) => L.estimatedMemoryMode(c))")
+    assert got == [host.memory_mode(c) for c in choices]
+    assert got[choices.index("auto")] == "offload"
+
+
 def test_js_reads_the_header_of_a_real_anchor_file(tmp_path):
     import torch
 

@@ -420,3 +420,59 @@ def test_loaders_carry_download_links_for_their_files(path):
         for link, (widget, value) in zip(links, files):
             assert link == download.file_named(value).comfy_entry()
             assert link["directory"] == widget_folder[widget]
+
+
+# ------------------------------------------------------------------------------------------- templates, registry
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar is drawn above its pos
+
+
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
+def test_saved_boxes_do_not_overlap(path):
+    """The saved layout itself (tests/test_comfyui_frontend.py checks what the frontend makes of it): node boxes
+    with their title bars apart, each node inside the group it touches and clear of group titles."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in data["nodes"]}
+
+    def overlap(a, b):
+        return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+    ids = sorted(boxes)
+    assert [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if overlap(boxes[a], boxes[b])] == []
+    for group in data["groups"]:
+        x, y, w, h = group["bounding"]
+        title = (x, y, x + w, y + 24 * 1.4)  # LiteGraph's default group font size 24, title bar 1.4 x that
+        for node_id, box in boxes.items():
+            assert not overlap(box, title), f"node {node_id} covers the title of group {group['title']!r}"
+            inside = box[0] >= x and box[1] >= y and box[2] <= x + w and box[3] <= y + h
+            assert inside or not overlap(box, (x, y, x + w, y + h)), f"node {node_id} sticks out of {group['title']!r}"
+
+
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
+def test_each_workflow_has_a_small_jpeg_thumbnail(path):
+    """ComfyUI's template browser shows <name>.jpg beside <name>.json as the card's picture."""
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"{thumbnail.name} missing (tests/comfyui_frontend_check.cjs --thumbnails makes it)"
+    data = thumbnail.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff", f"{thumbnail.name} is not a JPEG"
+    assert len(data) < 100 * 1024, f"{thumbnail.name} is {len(data)} bytes"
+
+
+def test_registry_icon_and_comfyui_range():
+    """[tool.comfy] names an icon committed here (by its raw URL on the repository) and a ComfyUI range."""
+    import re
+    import struct
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = WORKFLOWS.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    comfy, repository = project["tool"]["comfy"], project["project"]["urls"]["Repository"]
+    owner_repo = repository.removeprefix("https://github.com/")
+    match = re.fullmatch(rf"https://raw\.githubusercontent\.com/{re.escape(owner_repo)}/main/(.+\.png)", comfy["Icon"])
+    assert match, comfy["Icon"]
+    icon = (root / match.group(1)).read_bytes()
+    assert icon[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", icon[16:24])
+    assert width <= 800 and height <= 400, (width, height)  # the registry's limit
+    assert re.fullmatch(r">=\d+\.\d+\.\d+(,<\d+\.\d+\.\d+)?", comfy["requires-comfyui"])

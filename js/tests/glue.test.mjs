@@ -12,15 +12,26 @@ const { api } = await import("./fake_api.mjs");
 await import("../pixelwizard.js");
 const [extension] = app.extensions;
 
+// Reading input.link is deprecated in the current frontend: the fake inputs refuse it, so the glue must go
+// through isInputConnected / getInputNode.
+function fakeInput(name) {
+  return Object.defineProperty({ name }, "link", {
+    get() { throw new Error(`input.link read on ${name}: use node.isInputConnected / node.getInputLink`); },
+  });
+}
+
 class FakeNode {
   constructor(type, widgets = {}, inputs = []) {
     this.type = type;
+    this.graph = {};
     this.widgets = Object.entries(widgets).map(([name, value]) => ({ name, value, callback: undefined }));
-    this.inputs = inputs.map((name) => ({ name, link: null }));
+    this.inputs = inputs.map(fakeInput);
     this.outputs = [{ name: "out", links: [] }];
     this.upstream = {};
     this.downstream = [];
+    extension.nodeCreated?.(this); // what the frontend calls for every node it creates
   }
+  isInputConnected(index) { return this.upstream[this.inputs[index]?.name] != null; }
   getInputNode(index) { return this.upstream[this.inputs[index].name] ?? null; }
   getOutputNodes() { return this.downstream; }
   addDOMWidget(name, type, element, options) {
@@ -31,13 +42,24 @@ class FakeNode {
   setDirtyCanvas() {}
   widget(name) { return this.widgets.find((w) => w.name === name); }
   info() { return this.widget("pixelwizard_info")?.pwElement.pwText ?? ""; }
+  /** The user picks a value: the frontend sets it, then calls the widget's callback and onWidgetChanged. */
+  change(name, value) {
+    const w = this.widget(name);
+    const old = w.value;
+    w.value = value;
+    w.callback?.(value);
+    this.onWidgetChanged?.(name, value, old, w);
+  }
 }
 
 function connect(from, to, input) {
+  if (!to.inputs.some((i) => i.name === input)) to.inputs.push(fakeInput(input));
   to.upstream[input] = from;
-  to.inputs.find((i) => i.name === input).link = 1;
   from.downstream.push(to);
+  to.onConnectionsChange?.();
 }
+
+const settle = () => new Promise((resolve) => setTimeout(resolve, 10));
 
 async function nodeClass(name) {
   const type = class extends FakeNode {};
@@ -55,11 +77,12 @@ async function graph() {
   const ckpt = new FakeNode("PixelWizardCheckpointLoader", { checkpoint: "PixelWizard/2k/model.pt", stage: "hr",
     precision: "bf16", attention: "auto", memory_mode: "offload", swap_blocks: 0 });
   const decoder = new FakeNode("PixelWizardDecodeToVideo", { num_patches: 3, patch_dim: "w" }, ["wan", "latent"]);
+  hr.onNodeCreated();
+  load.onNodeCreated?.();
   connect(ckpt, hr, "hr_model");
   connect(load, hr, "anchor");
   connect(hr, decoder, "latent");
-  hr.onNodeCreated();
-  load.onNodeCreated?.();
+  await settle();
   return { hr, load, ckpt, decoder };
 }
 
@@ -99,7 +122,6 @@ test("anchor load shows prompt, seed and size, and the HR sampler takes its fram
   const { hr, load } = await graph();
   load.onExecuted({ text: ["a fox in snow | seed 7 | 448x256, 81 frames"] });
   assert.equal(load.info(), "prompt: a fox in snow\nseed 7 · 448x256 · 81 frames");
-  hr.onDrawForeground?.();
   assert.match(hr.info(), /2560x1440 · 81 frames · 75,600 tokens/);
 });
 
@@ -108,19 +130,47 @@ test("keeping the base models on the GPU raises the HR estimate", async () => {
   const gib = () => Number(/≈ ([\d.]+) GiB/.exec(hr.info())[1]);
   const alone = gib();
   const wan = new FakeNode("PixelWizardWanLoader", { precision: "bf16", memory_mode: "gpu" });
-  load.inputs = [{ name: "wan", link: 1 }];
-  load.upstream.wan = wan;
-  hr.onConnectionsChange();
+  connect(wan, load, "wan");
+  await settle();
   assert.ok(gib() - alone > 10, `${alone} -> ${gib()}`); // umT5-XXL (11.4 GB) + VAE stay resident
+  assert.match(hr.info(), /others kept on GPU/);
+});
+
+test("a widget changed upstream refreshes the info line, without any drawing", async () => {
+  const HR = await nodeClass("PixelWizardHRSampler");
+  assert.equal(HR.prototype.onDrawForeground, undefined, "nothing is recomputed per frame");
+  const { hr, load } = await graph();
+  const wan = new FakeNode("PixelWizardWanLoader", { precision: "bf16", memory_mode: "offload" });
+  connect(wan, load, "wan");
+  await settle();
+  const before = hr.info();
+  wan.change("memory_mode", "gpu"); // two nodes up: the loader feeds Anchor Load, which feeds the sampler
+  assert.equal(hr.info(), before, "refreshed once, after the event");
+  await settle();
+  assert.notEqual(hr.info(), before);
+  assert.match(hr.info(), /others kept on GPU/);
+});
+
+test("memory mode auto is estimated as offload (ComfyUI's normal VRAM mode), and the line says so", async () => {
+  const { hr, ckpt } = await graph();
+  const offload = hr.info().split("\n")[1];
+  ckpt.change("memory_mode", "auto");
+  await settle();
+  const [, line] = hr.info().split("\n");
+  assert.equal(line.replace("auto counted as offload", "others offloaded"), offload);
+  const wan = new FakeNode("PixelWizardWanLoader", { precision: "bf16", memory_mode: "auto" });
+  connect(wan, hr, "conditioning");
+  await settle();
+  assert.match(hr.info(), /auto counted as offload/);
 });
 
 test("block swap on the HR checkpoint loader lowers the HR estimate by the swapped blocks", async () => {
   const { hr, ckpt } = await graph();
   const gib = () => Number(/≈ ([\d.]+) GiB/.exec(hr.info())[1]);
   const offload = gib();
-  ckpt.widget("memory_mode").value = "block_swap";
-  ckpt.widget("swap_blocks").value = 20;
-  hr.onConnectionsChange();
+  ckpt.change("memory_mode", "block_swap");
+  ckpt.change("swap_blocks", 20);
+  await settle();
   // 18 blocks of 163,656,704 bf16 parameters leave the GPU (20 swapped, 2 in flight): 5.5 GiB
   assert.ok(Math.abs(offload - gib() - 5.49) < 0.11, `${offload} -> ${gib()}`);
 });
@@ -140,8 +190,6 @@ function anchorFile(metadata) {
   bytes.set(json, 8);
   return bytes;
 }
-
-const settle = () => new Promise((resolve) => setTimeout(resolve, 10));
 
 test("picking an anchor reads its header and shows it before anything runs", async () => {
   const prompt = "a heron lifts off a misty lake ".repeat(3000); // a header over 64 KiB: read in two requests
@@ -164,15 +212,20 @@ test("picking an anchor reads its header and shows it before anything runs", asy
   assert.equal(load.pwAnchor.prompt, prompt);
 });
 
-test("a file that is not an anchor, or is gone, says so", async () => {
+test("a file that is not an anchor, or is not there yet, says so", async () => {
   const { load } = await graph();
   api.files["/view?filename=x.safetensors&type=output&subfolder=pixelwizard%2Fanchors"] = anchorFile({ other: "1" });
   load.widget("anchor").value = "output/x.safetensors";
   load.widget("anchor").callback();
   await settle();
   assert.equal(load.info(), "output/x.safetensors: not a PixelWizard anchor");
-  load.widget("anchor").value = "output/gone.safetensors";
+  // before a first run the anchor the workflow names is not saved yet: no raw "404 for /view..."
+  load.widget("anchor").value = "output/anchor_seed101.safetensors";
   load.widget("anchor").callback();
   await settle();
-  assert.equal(load.info(), "output/gone.safetensors: 404 for /view?filename=gone.safetensors&type=output&subfolder=pixelwizard%2Fanchors");
+  assert.equal(load.info(), "not saved yet: queue step 1");
+  load.widget("anchor").value = "input/shared.safetensors";
+  load.widget("anchor").callback();
+  await settle();
+  assert.equal(load.info(), "not in input/pixelwizard/anchors: copy it there");
 });

@@ -2,8 +2,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import {
-  CUSTOM, GIB, HR_PRESETS, MEMORY, anchorSummary, ditActivationBytes, effectiveSize, estimateStages, framesAfterCut,
-  hrSummary, latentFrames, parseAnchorText, presetAfterEdit, presetValues, tokenCount, uiText, weightBytes,
+  AUTO_MEMORY, CUSTOM, GIB, HR_PRESETS, MEMORY, anchorMissingText, anchorSummary, ditActivationBytes, effectiveSize,
+  estimateStages, estimatedMemoryMode, framesAfterCut, hrSummary, latentFrames, parseAnchorText, presetAfterEdit, presetValues, tokenCount, uiText, weightBytes,
 } from "../pixelwizard_logic.js";
 
 test("token counts of the reference sizes", () => {
@@ -63,6 +63,21 @@ test("the HR summary shows the tokens and the VRAM of the sampled size", () => {
   assert.match(s.lines[1], /^peak VRAM ≈ \d+\.\d GiB \(est\.; others offloaded\)$/);
   assert.match(hrSummary({ preset: "custom", width: 1280, height: 704, frames: 121, framesKnown: false }).lines[0],
     /121 frames\? · 27,280 tokens/);
+});
+
+test("memory mode auto is estimated as offload, and the info line says so", () => {
+  assert.equal(estimatedMemoryMode(AUTO_MEMORY), "offload");
+  for (const mode of ["gpu", "offload", "block_swap"]) assert.equal(estimatedMemoryMode(mode), mode);
+  const base = { preset: "2k", width: 2560, height: 1440, frames: 121 };
+  const auto = hrSummary({ ...base, auto: true });
+  assert.equal(auto.hrBytes, hrSummary(base).hrBytes);
+  assert.match(auto.lines[1], /^peak VRAM ≈ \d+\.\d GiB \(est\.; auto counted as offload\)$/);
+  assert.match(hrSummary({ ...base, auto: true, resident: ["text"] }).lines[1], /others kept on GPU/);
+});
+
+test("an anchor that is not there yet says what to do, not the 404", () => {
+  assert.equal(anchorMissingText("output/anchor_seed101.safetensors"), "not saved yet: queue step 1");
+  assert.equal(anchorMissingText("input/mine.safetensors"), "not in input/pixelwizard/anchors: copy it there");
 });
 
 test("the anchor loader's ui text is parsed from the right", () => {

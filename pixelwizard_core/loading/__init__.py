@@ -5,10 +5,12 @@ Entry points: :func:`load_dit`, :func:`load_hr_dit`, :func:`load_vae`, :func:`lo
 without loading them.
 """
 
+from .gguf import GGUFSource  # importing it registers the GGUF container with readers.open_file_source
 from .inspection import WeightsInfo, inspect_folder, inspect_weights
 from .load import load_dit, load_hr_dit, load_t5, load_t5_tokenizer, load_vae
 
 __all__ = [
+    "GGUFSource",
     "WeightsInfo",
     "inspect_folder",
     "inspect_weights",

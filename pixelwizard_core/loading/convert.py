@@ -2,6 +2,10 @@
 
     python -m pixelwizard_core.loading.convert IN.pt OUT.safetensors --trust-code [--section generator_ema]
         [--overwrite]
+    python -m pixelwizard_core.loading.convert IN OUT.gguf --gguf [Q8_0] [--section generator_ema] [--overwrite]
+
+``--gguf`` writes a DiT, HR DiT or umT5 file of any layout we load (read safely, no code runs) to GGUF,
+the block Linears quantized (loading/gguf_write.py).
 
 This is the one place where a pickle is unpickled with code execution allowed, and only when the user
 passes ``--trust-code`` for a file they trust. The written file holds one state dict (tensors only) and
@@ -132,11 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         help="which state dict to write (default: generator, else generator_ema, else the top-level tensors)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
+    parser.add_argument("--gguf", nargs="?", const="Q8_0", default=None, metavar="TYPE",
+                        help="write GGUF instead: the block Linears in TYPE (default Q8_0, about half of bf16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        convert_pickle_to_safetensors(args.src, args.dst, trust_code=args.trust_code, section=args.section,
-                                      overwrite=args.overwrite)
+        if args.gguf:
+            _to_gguf(args)
+        else:
+            convert_pickle_to_safetensors(args.src, args.dst, trust_code=args.trust_code, section=args.section,
+                                          overwrite=args.overwrite)
     except PixelWizardError as error:
         log.error("error: %s", error)
         return 2
@@ -144,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("stopped: %s was not written", args.dst)
         return 130
     return 0
+
+
+def _to_gguf(args: argparse.Namespace) -> None:
+    from .gguf_write import convert_to_gguf
+
+    if args.section not in (None, "generator", "generator_ema"):
+        raise ConfigError(f"--section {args.section!r}: with --gguf the weights are chosen as the loader does; "
+                          "pass generator (the default) or generator_ema")
+    convert_to_gguf(args.src, args.dst, qtype=args.gguf.upper(), use_ema=args.section == "generator_ema",
+                    overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

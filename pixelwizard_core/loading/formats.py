@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from ..errors import WeightFormatError
+from ..models.quantized import is_quantized
 from .readers import TensorInfo
 
 SHORT_NAMES = {
@@ -101,7 +102,8 @@ class Layout:
     names: str  # "official" or "hf" (umT5 Hugging Face / Comfy names)
     prefix: str = ""
     fsdp: bool = False
-    quantization: str | None = None  # None, "scaled_fp8" (scale_weight keys) or "comfy_quant" (weight_scale)
+    quantization: str | None = None  # None, "scaled_fp8" (scale_weight keys), "comfy_quant" (weight_scale)
+    # or "gguf Q8_0" (GGUF block types, "/"-joined)
 
     def describe(self) -> str:
         parts = [SHORT_NAMES[self.component]]
@@ -111,7 +113,8 @@ class Layout:
         if self.fsdp:
             parts.append("FSDP wrapper fragments")
         if self.quantization:
-            parts.append(f"fp8 ({self.quantization})")
+            gguf = self.quantization.startswith("gguf")
+            parts.append(self.quantization if gguf else f"fp8 ({self.quantization})")
         return ", ".join(parts)
 
 
@@ -228,6 +231,9 @@ def plan_keys(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], wher
     _map_aux(plan, [k for k in infos if is_aux(k)], prefix, rename, where)
     if "_quantization_metadata" in metadata:
         _map_metadata_layers(plan, metadata["_quantization_metadata"], prefix, rename, where)
+    blocks = sorted({str(infos[k].dtype) for k in plan.tensors.values() if is_quantized(infos[k].dtype)})
+    if blocks:  # GGUF block-quantized tensors (loading/gguf.py lists them with their type name as dtype)
+        plan.layout = _with_quant(plan.layout, "gguf " + "/".join(blocks))
     return plan
 
 

@@ -26,12 +26,14 @@ import torch.nn as nn
 from ..errors import ConfigError, MissingFileError, WeightFormatError
 from ..models.dit import DiTConfig, WanDiT
 from ..models.hr import STEP_SIZE_CONDITIONING_KEY, STEP_SIZE_CONDITIONINGS, WanHRDiT
+from ..models.quantized import is_quantized
 from ..models.t5 import T5Config, UMT5Encoder
 from ..models.vae import VAEConfig, WanVAE
 from . import folders
 from .configs import derive_values, make_config, published_differences
 from .formats import KeyPlan, plan_keys, require_component, verify_keys
 from .fp8 import check_quantization, dequantize, is_fp8
+from .gguf import keep_quantized
 from .readers import PickleCheckpoint, TensorSource, open_file_source
 
 log = logging.getLogger("pixelwizard")
@@ -304,11 +306,12 @@ def build_on_meta(model_cls: type, config: Any, **kwargs: Any) -> nn.Module:
 
 
 def default_dtype(plan: KeyPlan, source: TensorSource) -> torch.dtype:
-    """The float dtype that holds most of the file's weights; bf16 for fp8 files, float32 if none."""
+    """The float dtype that holds most of the file's weights; bf16 for fp8 and GGUF-quantized files, float32
+    if none."""
     sizes: Counter[torch.dtype] = Counter()
     for target, key in plan.tensors.items():
         info = source.infos[key]
-        if is_fp8(info.dtype) or target in plan.weight_scales:
+        if is_fp8(info.dtype) or target in plan.weight_scales or is_quantized(info.dtype):
             return torch.bfloat16
         if isinstance(info.dtype, torch.dtype) and info.dtype.is_floating_point:
             sizes[info.dtype] += info.numel
@@ -338,12 +341,13 @@ def _fill(model: nn.Module, plan: KeyPlan, source: TensorSource, dtypes: _DtypeC
     # so it never depends on the file after loading (a rewritten file would change or fault the weights).
     copy = True
     for done, (target, key) in enumerate(items, 1):
-        tensor = source.read(key)
         want = dtypes(target)
-        if target in plan.weight_scales:
-            tensor = dequantize(tensor, source.read(plan.weight_scales[target]), want)
-        _assign(model, target, _convert(tensor, want, dev, copy))
-        del tensor
+        if not keep_quantized(model, target, source, key, want, dev):  # GGUF blocks of a Linear stay blocks
+            tensor = source.read(key)
+            if target in plan.weight_scales:
+                tensor = dequantize(tensor, source.read(plan.weight_scales[target]), want)
+            _assign(model, target, _convert(tensor, want, dev, copy))
+            del tensor
         if progress is not None:
             progress(done, len(items))
 

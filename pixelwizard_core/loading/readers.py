@@ -6,6 +6,7 @@ A *source* lists every tensor (name, shape, dtype) cheaply and reads one tensor 
 - :class:`ShardedSafetensorsSource`: a ``*.safetensors.index.json`` and its shards, read shard by shard.
 - :class:`StateDictSource`: one section of a torch pickle (``.pt``/``.pth``) opened with
   ``weights_only=True`` and ``mmap=True``, so tensor data stays on disk until it is read.
+- GGUF files: ``GGUFSource`` in :mod:`.gguf`, registered in :data:`CONTAINER_READERS`.
 
 The container is recognised by the first bytes of the file, never by its name.
 """
@@ -20,7 +21,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -383,8 +384,14 @@ def _unsafe_error(path: Path, detail: str) -> UnsafeCheckpointError:
 
 # ---------------------------------------------------------------------------------------------- entry
 
+# Containers read by their own modules, which register here when imported (loading/__init__.py imports
+# them): "gguf" -> loading/gguf.py.
+CONTAINER_READERS: dict[str, Callable[[Path], TensorSource]] = {}
+
+
 def open_file_source(path: Path) -> TensorSource | PickleCheckpoint:
-    """Open one weight file: a safetensors source, a sharded index, or a pickle split into sections."""
+    """Open one weight file: a safetensors source, a sharded index, a GGUF file, or a pickle split into
+    sections."""
     if not path.is_file():
         raise MissingFileError(f"weight file not found: {path}")
     kind = sniff_container(path)
@@ -394,11 +401,8 @@ def open_file_source(path: Path) -> TensorSource | PickleCheckpoint:
         return open_pickle(path)
     if kind == "index-json":
         return ShardedSafetensorsSource(path)
-    if kind == "gguf":
-        raise WeightFormatError(
-            f"{path} is a GGUF file; PixelWizard does not load GGUF quantisations. "
-            "Use the Comfy-Org fp16 .safetensors file or the official Wan-AI folder."
-        )
+    if kind in CONTAINER_READERS:
+        return CONTAINER_READERS[kind](path)
     raise WeightFormatError(
         f"{path} is not a weight file PixelWizard can read: looked for a safetensors header, a torch zip or "
         "legacy pickle, or a safetensors index json, and found none of them in its first bytes."

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..models.block_swap import BlockLayout, pinned_bytes
 from ..models.dit import AttentionBlock, DiTConfig
 from ..models.layers import store_linears_in_fp8
+from ..models.quantized import QUANT_TYPES, quantize_linears_on_meta
 from ..registry import Registry
 from .presets import HR_PRESETS, LR_DEFAULTS, StageSettings, latent_frames
 from .tile_plan import plan_tiles
@@ -47,6 +48,15 @@ HEADROOM_BYTES = 1_610_612_736  # 1.5 GiB: CUDA context and allocator slack, add
 HEADROOM_FRACTION = 0.05  # ... plus this share of the estimate (fragmentation)
 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 2}
+# GGUF precisions: the DiT's block Linears in a GGUF block type (models/quantized.py), the rest in bf16
+GGUF_PRECISIONS = {t.name.lower(): t for t in QUANT_TYPES.values()}  # "q8_0", "q4_k", ...
+# Bytes per weight of the blocks' Linears where they are not stored in the float precision
+LINEAR_BYTES = {"fp8": 1.0, **{name: t.bytes_per_value for name, t in GGUF_PRECISIONS.items()}}
+
+
+def float_bytes(precision: str) -> int:
+    """Bytes per parameter of what a precision keeps in a float type (GGUF files load it in bf16)."""
+    return 2 if precision in GGUF_PRECISIONS else PRECISION_BYTES[precision]
 
 
 @dataclass(frozen=True)
@@ -128,11 +138,11 @@ class MemoryEstimate:
 
 def weight_bytes(role: str, precision: str = "bf16", vae_precision: str = "fp32") -> int:
     """Bytes of a model's weights on the device, as the loader places them."""
-    size = PRECISION_BYTES[precision]
+    size = float_bytes(precision)
     if role in ("lr", "hr"):
         dit = DIT_PARAMS * size
-        if precision == "fp8":
-            dit -= DIT_BLOCK_LINEAR_PARAMS  # those weights take 1 byte instead of 2
+        if precision in LINEAR_BYTES:  # fp8 or GGUF blocks: those weights take fewer bytes than 2
+            dit -= int(DIT_BLOCK_LINEAR_PARAMS * (size - LINEAR_BYTES[precision]))
         return dit + (HR_DT_PARAMS * size + HR_ADAPTER_PARAMS * 4 if role == "hr" else 0)
     if role == "text":
         return T5_PARAMS * size
@@ -145,8 +155,8 @@ def block_swap_savings(swap_blocks: int, precision: str = "bf16") -> int:
     """DiT weight bytes block swap keeps off the GPU: the swapped blocks, less the two device slots that
     hold the block running and the next one in flight."""
     linear = DIT_BLOCK_LINEAR_PARAMS // DIT_BLOCKS
-    size = PRECISION_BYTES[precision]
-    block = (linear * (1 if precision == "fp8" else size)) + (DIT_BLOCK_PARAMS - linear) * size
+    size = float_bytes(precision)
+    block = int(linear * LINEAR_BYTES.get(precision, size)) + (DIT_BLOCK_PARAMS - linear) * size
     return (swap_blocks - min(swap_blocks, 2)) * block
 
 
@@ -159,6 +169,8 @@ def swapped_block_layout(precision: str = "bf16") -> BlockLayout:
             store_linears_in_fp8(block)
         elif precision == "fp16":
             block = block.half()
+        elif precision in GGUF_PRECISIONS:
+            quantize_linears_on_meta(block, GGUF_PRECISIONS[precision].name)
     tensors = [t for m in block.modules() for t in [*m._parameters.values(), *m._buffers.values()] if t is not None]
     return BlockLayout.of([(tuple(t.shape), t.dtype) for t in tensors])
 
@@ -206,7 +218,8 @@ def estimate_memory(
     """Peak GPU memory of one generate run at ``width`` x ``height`` on one GPU, per stage.
 
     ``mode`` is a name of :data:`PROFILES` (or a :class:`MemoryProfile`); ``precision`` is the DiT and
-    text encoder precision (bf16, fp16, fp32, or fp8 for the DiT's block weights); ``num_patches``
+    text encoder precision (bf16, fp16, fp32, or fp8 / a GGUF type such as q8_0 for the DiT's block
+    weights, the text encoder then counted in bf16); ``num_patches``
     defaults to the preset's decode tiles (3 at 2K, 4 at 4K, else 1). The LR anchor stage runs both CFG
     branches in one batch, the HR stage one after the other, as the pipeline does.
     """
@@ -216,7 +229,7 @@ def estimate_memory(
         num_patches = preset.decode_patches if preset else 1
     hr_tokens = latent_frames(frames) * (height // 32) * (width // 32)
     lr_tokens = latent_frames(frames) * (lr.height // 32) * (lr.width // 32)
-    text_precision = "bf16" if precision == "fp8" else precision
+    text_precision = "bf16" if precision in LINEAR_BYTES else precision
     swapped = block_swap_savings(mode.swap_blocks, precision)
     weights = {"text": 0 if mode.t5_cpu else weight_bytes("text", text_precision),
                "lr": weight_bytes("lr", precision) - swapped, "hr": weight_bytes("hr", precision) - swapped,

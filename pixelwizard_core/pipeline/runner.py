@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..io.video import PngSequenceWriter, VideoWriter
 from ..system import peak_rss_bytes
 from .anchors import Anchor
 from .engine import DecodeSettings, LocalStages, StageControl, Stages
+from .handles import ModelHandle
 from .loop import StepCallback
 from .models import Models
 from .presets import StageSettings
@@ -32,22 +34,106 @@ log = logging.getLogger("pixelwizard")
 
 @dataclass
 class StageStats:
+    """Each stage's time and memory: ``peak_gib`` is the highest use during the stage (GPU: allocated;
+    CPU: resident memory), ``added_gib`` how far above the stage's start that peak went."""
+
     seconds: dict[str, float] = field(default_factory=dict)
     peak_gib: dict[str, float] = field(default_factory=dict)
+    added_gib: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        parts = [f"{name} {secs:.1f}s" + (f" ({self.peak_gib[name]:.1f} GiB)" if name in self.peak_gib else "")
-                 for name, secs in self.seconds.items()]
-        return ", ".join(parts)
+        return ", ".join(f"{name} {secs:.1f}s{self._memory(name)}" for name, secs in self.seconds.items())
+
+    def _memory(self, name: str) -> str:
+        if name not in self.peak_gib:
+            return ""
+        added = f", +{self.added_gib[name]:.1f}" if name in self.added_gib else ""
+        return f" (peak {self.peak_gib[name]:.1f} GiB{added})"
+
+
+class StageMemory:
+    """The peak memory of one stage, not of the process so far.
+
+    GPU: torch's peak counter, reset at the start. CPU on Linux: the kernel's peak resident size (VmHWM),
+    reset at the start by writing 5 to /proc/self/clear_refs; elsewhere a thread samples the resident size
+    every 20 ms (psutil), which can miss a spike shorter than that."""
+
+    SAMPLE_SECONDS = 0.02
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = self.peak = 0
+        self._sampler: threading.Thread | None = None
+        self._done = threading.Event()
+
+    def __enter__(self) -> "StageMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = _rss()
+            if not _reset_peak_rss():
+                self.peak = self.start
+                self._sampler = threading.Thread(target=self._sample, daemon=True, name="stage-memory")
+                self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.SAMPLE_SECONDS):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        if self._sampler is not None:
+            self._done.set()
+            self._sampler.join()
+            self.peak = max(self.peak, _rss())
+        else:
+            self.peak = _peak_rss_since_reset()
+
+
+_STATUS = Path("/proc/self/status")
+
+
+def _rss() -> int:
+    try:
+        import psutil
+    except ImportError:
+        return peak_rss_bytes()
+    return int(psutil.Process().memory_info().rss)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident size of this process (Linux 4.0+); whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _peak_rss_since_reset() > 0
+    except OSError:
+        return False
+
+
+def _peak_rss_since_reset() -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 class PixelWizard:
-    """The two-stage pipeline over the models of one run, through ``stages`` (default: this process)."""
+    """The two-stage pipeline over the models of one run, through ``stages`` (default: this process).
+
+    A stage's ``on_step`` may have a ``started()`` method: it is called when the stage's model is in place
+    and the computing starts (this process's stages; others report their first step only), so a progress
+    bar never counts a model load."""
 
     def __init__(self, models: Models, stages: Stages | None = None) -> None:
         self.models = models
-        self.stages = stages if stages is not None else LocalStages(models.open)
+        self.stages = stages if stages is not None else LocalStages(self._open)
         self.stats = StageStats()
+        self._progress: object = None  # the running stage's on_step
 
     @property
     def is_main(self) -> bool:
@@ -59,20 +145,31 @@ class PixelWizard:
         return self.stages.share(value)
 
     @contextlib.contextmanager
-    def _stage(self, name: str) -> Iterator[None]:
-        """Time a stage and record its peak memory (GPU: allocated; CPU: process peak RSS so far)."""
-        cuda = self.models.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.models.device)
+    def _stage(self, name: str, on_step: object = None) -> Iterator[None]:
+        """Time a stage and record its own peak memory (:class:`StageMemory`)."""
+        memory = StageMemory(self.models.device)
+        self._progress = on_step
         start = time.perf_counter()
         try:
-            yield
+            with memory:
+                yield
         finally:
+            self._progress = None
             self.stats.seconds[name] = time.perf_counter() - start
-            if cuda:
-                self.stats.peak_gib[name] = torch.cuda.max_memory_allocated(self.models.device) / 2**30
-            else:
-                self.stats.peak_gib[name] = peak_rss_bytes() / 2**30
+            self.stats.peak_gib[name] = memory.peak / 2**30
+            self.stats.added_gib[name] = max(0, memory.peak - memory.start) / 2**30
+
+    @contextlib.contextmanager
+    def _open(self, handle: ModelHandle, working_bytes: int = 0) -> Iterator[object]:
+        """``Models.open``, saying what is loaded first, and telling the stage's progress once the model is
+        in place (so the load is not counted as computing)."""
+        if not handle.is_in_memory and not self.models.holds(handle.role):
+            log.info("loading %s model %s%s", handle.role, handle.path, _size_text(handle.path))
+        with self.models.open(handle, working_bytes) as model:
+            started = getattr(self._progress, "started", None)
+            if callable(started):
+                started()
+            yield model
 
     def identity(self, role: str) -> str:
         """The identity of ``role``'s model for metadata (the same on every rank)."""
@@ -84,12 +181,12 @@ class PixelWizard:
 
     def anchor(self, text: TextConditioning, settings: StageSettings, seed: int,
                on_step: StepCallback | None = None) -> Anchor:
-        with self._stage("lr"):
+        with self._stage("lr", on_step):
             return self.stages.lr_anchor(self.models.handle("lr"), text, settings, seed, StageControl(on_step))
 
     def upscale(self, anchor: Anchor, text: TextConditioning, settings: StageSettings, seed: int,
                 on_step: StepCallback | None = None) -> torch.Tensor:
-        with self._stage("hr"):
+        with self._stage("hr", on_step):
             return self.stages.hr_latent(self.models.handle("hr"), anchor, text, settings, seed,
                                          StageControl(on_step))
 
@@ -98,7 +195,7 @@ class PixelWizard:
                on_step: Callable[[int, int], None] | None = None) -> Path:
         """Tiled decode streamed chunk by chunk into an mp4 (written atomically) and PNG frames on request;
         the outputs are checked before any decoding, and an error drops the unfinished mp4."""
-        with self._stage("decode"):
+        with self._stage("decode", on_step):
             writers = self._open_writers(path, settings, overwrite, png_dir)
             chunks = self.stages.decode_stream(self.models.handle("vae"), latent, settings, StageControl(on_step))
             if writers is None:  # not the main process: decode and send, write nothing
@@ -131,3 +228,14 @@ class PixelWizard:
         if problem is not None:
             raise problem
         return writers
+
+
+def _size_text(path: str) -> str:
+    """" (10.0 GB)" for a file, "" for a folder or a missing path."""
+    try:
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+    except OSError:
+        size = 0
+    if not size:
+        return ""
+    return f" ({size / 1e9:.1f} GB)" if size >= 1e9 else f" ({size / 1e6:.1f} MB)"

@@ -49,12 +49,15 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, help="training clip width (multiple of 32)")
     g.add_argument("--height", type=int, help="training clip height (multiple of 32)")
     g.add_argument("--frames", type=int, help="training clip frames (4n+1)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model trains (cuda with torchrun: each process's own GPU)")
     g.add_argument("--t5_device", help="where the text encoder runs (default: --device)")
     g.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16: FSDP mixed precision (float32 master weights and optimiser); fp32: all float32")
-    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--attention", choices=("auto", "sdpa", "flash"), default="auto")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each block's activations in the backward pass (less memory, ~30%% slower)")
+    g.add_argument("--attention", choices=("auto", "sdpa", "flash"), default="auto",
+                   help="attention backend; auto: the fastest that runs on the device")
     g.add_argument("--trainable", choices=("all", "conditioning"), default="all",
                    help="all weights (the reference's --trainable_backbone) or only dt_embedding + spatial_adapter")
 
@@ -70,65 +73,79 @@ def _add_objective(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sc_rate", type=float, default=DEFAULTS.sc_rate, help="share of self-consistency steps")
     g.add_argument("--t_anchors", type=float, nargs="+", default=list(DEFAULTS.t_anchors), help="SC timesteps T")
     g.add_argument("--dt_candidates", type=int, default=DEFAULTS.dt_candidates, help="K: dt = floor(T/2^k), k < K")
-    g.add_argument("--index_sampling", choices=INDEX_SAMPLINGS, default=DEFAULTS.index_sampling)
+    g.add_argument("--index_sampling", choices=INDEX_SAMPLINGS, default=DEFAULTS.index_sampling,
+                   help="how the step-size index k is drawn")
     g.add_argument("--beta", type=float, default=DEFAULTS.beta, help="p(k) ~ exp(-beta k)")
     g.add_argument("--calibration_power", type=float, default=DEFAULTS.calibration_power,
                    help="noise-span weight (span / mean)^p; 0 turns calibration off")
-    g.add_argument("--calibration_clamp", type=float, nargs=2, default=list(DEFAULTS.calibration_clamp))
+    g.add_argument("--calibration_clamp", type=float, nargs=2, default=list(DEFAULTS.calibration_clamp),
+                   metavar=("LOW", "HIGH"), help="bounds of the noise-span weight")
     g.add_argument("--calibration_reference", choices=CALIBRATION_REFERENCES, default=DEFAULTS.calibration_reference,
                    help="batch: mean span of the batch (reference; a no-op with one sample per batch); running: a "
                         "running mean")
-    g.add_argument("--timestep_weighting", choices=TIMESTEP_WEIGHTINGS, default=DEFAULTS.timestep_weighting)
+    g.add_argument("--timestep_weighting", choices=TIMESTEP_WEIGHTINGS, default=DEFAULTS.timestep_weighting,
+                   help="per-timestep loss weight")
     g.add_argument("--loss_normalization", choices=LOSS_NORMALIZATIONS, default=DEFAULTS.loss_normalization,
                    help="weight_sum: sum(w mse)/sum(w) (reference: weights cancel with one sample per batch); "
                         "mean: mean(w mse)")
-    g.add_argument("--sc_loss_weight", type=float, default=DEFAULTS.sc_loss_weight)
-    g.add_argument("--cfg_dropout", type=float, default=DEFAULTS.cfg_dropout)
+    g.add_argument("--sc_loss_weight", type=float, default=DEFAULTS.sc_loss_weight,
+                   help="weight of the self-consistency loss beside the flow-matching loss")
+    g.add_argument("--cfg_dropout", type=float, default=DEFAULTS.cfg_dropout,
+                   help="share of samples trained with the empty prompt (for classifier-free guidance)")
 
 
 def _add_anchor(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("anchor synthesis from clips")
-    g.add_argument("--anchor_down", type=float, nargs=2, default=list(DEGRADE.down_range), help="area factor range")
-    g.add_argument("--anchor_size", type=_size, default=DEGRADE.size, help="degraded frame size W*H (448*256)")
-    g.add_argument("--anchor_blur_kernels", type=int, nargs="+", default=list(DEGRADE.blur_kernels))
-    g.add_argument("--anchor_blur_sigma", type=float, nargs=2, default=list(DEGRADE.blur_sigma_range))
-    g.add_argument("--anchor_noise_prob", type=float, default=DEGRADE.noise_prob)
-    g.add_argument("--anchor_noise_max", type=float, default=DEGRADE.noise_max)
+    g.add_argument("--anchor_down", type=float, nargs=2, default=list(DEGRADE.down_range), metavar=("LOW", "HIGH"),
+                   help="area factor range")
+    g.add_argument("--anchor_size", type=_size, default=DEGRADE.size, help=f"degraded frame size WIDTH*HEIGHT (default: {DEGRADE.size[1]}*{DEGRADE.size[0]})")
+    g.add_argument("--anchor_blur_kernels", type=int, nargs="+", default=list(DEGRADE.blur_kernels),
+                   help="Gaussian blur kernel sizes, one drawn per clip")
+    g.add_argument("--anchor_blur_sigma", type=float, nargs=2, default=list(DEGRADE.blur_sigma_range),
+                   metavar=("LOW", "HIGH"), help="blur sigma range")
+    g.add_argument("--anchor_noise_prob", type=float, default=DEGRADE.noise_prob,
+                   help="probability of adding noise to the degraded clip")
+    g.add_argument("--anchor_noise_max", type=float, default=DEGRADE.noise_max,
+                   help="largest noise standard deviation")
 
 
 def _add_optim(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation and checkpoints (defaults: the reference's 4K config)")
     g.add_argument("--steps", type=int, required=True, help="total optimiser steps (a resumed run continues to it)")
     g.add_argument("--batch_size", type=int, default=1, help="per process")
-    g.add_argument("--lr", type=float, default=OPTIM.lr)
-    g.add_argument("--betas", type=float, nargs=2, default=list(OPTIM.betas))
-    g.add_argument("--weight_decay", type=float, default=OPTIM.weight_decay)
+    g.add_argument("--lr", type=float, default=OPTIM.lr, help="AdamW learning rate")
+    g.add_argument("--betas", type=float, nargs=2, default=list(OPTIM.betas), metavar=("B1", "B2"),
+                   help="AdamW betas")
+    g.add_argument("--weight_decay", type=float, default=OPTIM.weight_decay, help="AdamW weight decay")
     g.add_argument("--grad_clip", type=float, default=OPTIM.grad_clip, help="0: off")
     g.add_argument("--ema_decay", type=float, default=OPTIM.ema_decay, help="0: no EMA")
-    g.add_argument("--ema_start", type=int, default=OPTIM.ema_start)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ema_start", type=int, default=OPTIM.ema_start, help="step from which the EMA is updated")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and dropout")
     g.add_argument("--save_every", type=int, default=50, help="checkpoint interval in steps")
     g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (0: all)")
     g.add_argument("--export_pt", action="store_true", help="also write the reference's model.pt layout")
     g.add_argument("--resume", default="auto", help="auto (latest checkpoint in --output_dir), none, or a folder")
-    g.add_argument("--log_every", type=int, default=1)
+    g.add_argument("--log_every", type=int, default=1, help="log the losses every N steps")
 
 
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``train`` and ``metrics`` on the main parser's subcommands."""
+def add_subcommand(subparsers: argparse._SubParsersAction,
+                   formatter: type[argparse.HelpFormatter] = argparse.HelpFormatter) -> None:
+    """Register ``train`` and ``metrics`` on the main parser's subcommands (``formatter``: the main parser's,
+    which shows every default)."""
     train = subparsers.add_parser("train", help="shortcut fine-tuning of the HR model (research baseline)",
-                                  description=__doc__.splitlines()[0])
+                                  description=__doc__.splitlines()[0], formatter_class=formatter)
     for add in (_add_data, _add_objective, _add_anchor, _add_optim):
         add(train)
     train.set_defaults(run=cmd_train)
-    metrics = subparsers.add_parser("metrics", help="mHD-MSE / mHD-LPIPS of videos (detail metrics)")
+    metrics = subparsers.add_parser("metrics", help="mHD-MSE / mHD-LPIPS of videos (detail metrics)",
+                                    formatter_class=formatter)
     metrics.add_argument("videos", nargs="+", help="mp4 files, or tensor files with 'frames'")
     metrics.add_argument("--scales", type=int, nargs="+", default=[3, 4, 5], help="k: downsample by 2^k")
     metrics.add_argument("--reduce", choices=("mean", "sum"), default="mean",
                          help="mean over k (paper) or sum (the reference's script)")
     metrics.add_argument("--lpips", action="store_true", help="also mHD-LPIPS (needs lpips and its weights)")
-    metrics.add_argument("--device", default="cpu")
-    metrics.add_argument("--json", help="write the scores here")
+    metrics.add_argument("--device", default="cpu", help="where LPIPS runs")
+    metrics.add_argument("--json", help="write the scores here (default: printed only)")
     metrics.set_defaults(run=cmd_metrics)
 
 

@@ -1,0 +1,123 @@
+"""``python -m pixelwizard_core train-toy`` (the toy models from a seed) and ``toy-check`` (the quality
+checks, the broken variants and the shortcut ablation on the toy world).
+
+``train-toy --output DIR`` writes the four weight files and ``tokenizer.json``; without ``--output`` it
+rewrites the shipped ones in the package. ``toy-check`` prints measured values and pass/fail per prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .models import WEIGHTS_DIR
+
+log = logging.getLogger("pixelwizard")
+STEP_FIELDS = ("clips", "lr_dit_steps", "hr_pretrain_steps", "hr_shortcut_steps", "batch")
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction,
+                   formatter: type[argparse.HelpFormatter] = argparse.HelpFormatter) -> None:
+    """Register ``train-toy`` and ``toy-check`` on the main parser's subcommands."""
+    from .recipe import ToyRecipe
+
+    defaults = ToyRecipe()
+    train = subparsers.add_parser("train-toy", help="train the tiny PixelWizard of the toy world from a seed",
+                                  description=__doc__.splitlines()[0], formatter_class=formatter)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--output", help=f"folder for the weights (default: the shipped ones, {WEIGHTS_DIR})")
+    train.add_argument("--cache", help="folder keeping the VAE, data and models between runs (to iterate)")
+    train.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (1: on a shared machine more threads spin and slow down)")
+    for name in STEP_FIELDS:
+        train.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    train.add_argument("--vae_scale", type=float, default=1.0,
+                       help="multiply the VAE's training steps (e.g. 0.01 for a quick smoke run)")
+    train.set_defaults(run=cmd_train_toy)
+
+    check = subparsers.add_parser("toy-check", help="quality checks of the pipeline on the toy models",
+                                  formatter_class=formatter)
+    check.add_argument("--weights", default=str(WEIGHTS_DIR), help="folder of the toy weight files")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--broken", action="store_true", help="also run each deliberately broken variant")
+    check.add_argument("--json", help="write the results here")
+    check.add_argument("--threads", type=int, default=1)
+    check.set_defaults(run=cmd_toy_check)
+
+    ablate = subparsers.add_parser("toy-ablation", help="HR models scored from ground-truth anchors at 2/4/8 steps",
+                                   formatter_class=formatter)
+    ablate.add_argument("hr", nargs="+", help="HR files (e.g. trained with other ShortcutConfig options); NAME=FILE "
+                                              "names a row; FILE:dt0 samples it with dt = 0 (plain flow matching)")
+    ablate.add_argument("--weights", default=str(WEIGHTS_DIR), help="folder with the toy VAE and text encoder")
+    ablate.add_argument("--scenes", type=int, default=8)
+    ablate.add_argument("--seeds", type=int, default=2, help="noise seeds (the spread in the table)")
+    ablate.add_argument("--threads", type=int, default=1)
+    ablate.set_defaults(run=cmd_toy_ablation)
+
+
+def cmd_train_toy(args: argparse.Namespace) -> int:
+    from .recipe import ToyRecipe, train_all
+
+    torch.set_num_threads(args.threads)
+    recipe = replace(ToyRecipe(), seed=args.seed, **{name: getattr(args, name) for name in STEP_FIELDS})
+    phases = tuple((max(1, round(steps * args.vae_scale)), *rest) for steps, *rest in recipe.vae_phases)
+    recipe = replace(recipe, vae_phases=phases)
+    info = train_all(Path(args.output) if args.output else WEIGHTS_DIR, recipe, cache=args.cache)
+    print(json.dumps(info["timings_s"], indent=2))
+    return 0
+
+
+def cmd_toy_check(args: argparse.Namespace) -> int:
+    from .broken import VARIANTS
+    from .evaluate import TEST_PROMPTS, generate, summary, toy_pipeline
+
+    torch.set_num_threads(args.threads)
+    pw = toy_pipeline(args.weights)
+    results: dict[str, list[dict]] = {"correct": []}
+    for prompt in TEST_PROMPTS:
+        results["correct"].append(summary(generate(pw, prompt, args.seed)))
+    for name, variant in (VARIANTS.items() if args.broken else ()):
+        with variant():
+            results[name] = [summary(generate(pw, prompt, args.seed)) for prompt in TEST_PROMPTS]
+    failed = 0
+    for name, rows in results.items():
+        for row in rows:
+            bad = [k for k, ok in row["checks"].items() if not ok]
+            failed += bool(bad) and name == "correct"
+            print(f"{name:20s} {row['prompt']:52s} -> {row['colour']:6s} {row['shape']:8s} {row['motion']:7s} "
+                  f"sharp {row['sharpness']:.3f} anchor {row['anchor_px']:5.1f}px seam {row['seam']:+.3f} "
+                  f"{'ok' if not bad else 'FAIL: ' + ', '.join(bad)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 1 if failed else 0
+
+
+
+def cmd_toy_ablation(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from ..loading import load_hr_dit
+    from .ablation import score, table, validation_items
+    from .broken import zero_step_size
+    from .evaluate import toy_pipeline
+
+    torch.set_num_threads(args.threads)
+    pw = toy_pipeline(args.weights)
+    results: dict[str, dict[int, list[dict[str, float]]]] = {}
+    with pw.models.use("vae") as vae, pw.models.use("text") as text:
+        items = validation_items(vae, args.scenes)
+        for spec in args.hr:
+            name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+            path, dt0 = (path[:-4], True) if path.endswith(":dt0") else (path, False)
+            model = load_hr_dit(path, dtype="fp32").eval()
+            for steps in (2, 4, 8):
+                with zero_step_size() if dt0 else contextlib.nullcontext():
+                    runs = [score(model, vae, text, items, steps, seed * 1000) for seed in range(args.seeds)]
+                results.setdefault(name, {})[steps] = runs
+    print(table(results))
+    return 0

@@ -1,0 +1,71 @@
+"""The tiny PixelWizard of the toy world: model configs, stage sizes and the shipped weight files.
+
+Every model has the real structure (Wan2.2 DiT blocks with 128-wide heads, the HR model's dt embedding and
+anchor injector, the Wan2.2 VAE's stages with z_dim 48, a umT5 encoder with per-layer relative positions)
+at toy widths. The files are in the published layouts (bare official key names; the HR file with the
+reference's ``model.`` prefix), so the project's loaders read them like real checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..models.dit import DiTConfig
+from ..models.t5 import T5Config
+from ..models.vae import VAEConfig
+from .vocab import vocabulary
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+FILES = {
+    "text": "umt5_toy.safetensors",
+    "vae": "wan2.2_vae_toy.safetensors",
+    "lr": "pixelwizard_lr_toy.safetensors",
+    "hr": "pixelwizard_hr_toy.safetensors",
+}
+TOKENIZER_FILE = "tokenizer.json"  # next to the text encoder, where the tokenizer loader looks
+MANIFEST_FILE = "demo.json"         # files and settings, read by pipeline/demo.py
+
+T5 = T5Config(vocab=len(vocabulary()), dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)
+DIT = DiTConfig(dim=128, ffn_dim=256, freq_dim=256, num_heads=1, num_layers=4, text_dim=T5.dim)
+VAE = VAEConfig(dim=8, dec_dim=8)
+
+
+@dataclass(frozen=True)
+class ToySizes:
+    """Stage sizes of the toy world (pixels and frames); HR is 4x the anchor, as 2K is ~5.7x 448x256."""
+
+    lr_width: int = 64
+    lr_height: int = 32
+    hr_width: int = 256
+    hr_height: int = 128
+    frames: int = 5
+
+
+SIZES = ToySizes()
+# Sampling settings of the toy world: the HR sampler is the release's (UniPC, 4 steps, shift 5.5); the
+# guidance scale suits the toy models.
+LR_STEPS, LR_SHIFT, HR_STEPS, HR_SHIFT, CFG = 20, 5.0, 4, 5.5, 3.0
+TILES, OVERLAP = 2, 1
+DEMO_PROMPT = "a red circle moving right on a dark background"
+# the same as ``generate`` options (what ``generate --demo`` sets; written to the folder's demo.json)
+STAGE_SETTINGS = {
+    "lr_size": f"{SIZES.lr_width}*{SIZES.lr_height}", "frame_num": SIZES.frames, "lr_steps": LR_STEPS,
+    "lr_shift": LR_SHIFT, "lr_guide_scale": CFG, "resolution": f"{SIZES.hr_width}x{SIZES.hr_height}",
+    "hr_steps": HR_STEPS, "hr_shift": HR_SHIFT, "hr_guide_scale": CFG, "num_patches": TILES, "overlap": OVERLAP,
+}
+
+
+def weight_paths(folder: str | Path = WEIGHTS_DIR) -> dict[str, Path]:
+    """role -> file of the toy models in ``folder``."""
+    return {role: Path(folder) / name for role, name in FILES.items()}
+
+
+def weights_present(folder: str | Path = WEIGHTS_DIR) -> bool:
+    paths = weight_paths(folder)
+    return all(p.is_file() for p in paths.values()) and (Path(folder) / TOKENIZER_FILE).is_file()
+
+
+def manifest() -> dict:
+    """The content of ``demo.json``: the files by role, the ``generate`` settings and the demo prompt."""
+    return {"files": dict(FILES), "settings": dict(STAGE_SETTINGS), "prompt": DEMO_PROMPT}

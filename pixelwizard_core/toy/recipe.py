@@ -1,0 +1,305 @@
+"""Training the tiny PixelWizard on the toy world, from one seed, with the project's training code.
+
+Order (each step's output feeds the next):
+
+1. the tokenizer (written) and a random, frozen umT5-structured text encoder (seeded);
+2. the VAE, trained to reconstruct fresh clips at the HR and anchor sizes (:mod:`.vae_training`): first on
+   crops around the object, then on whole frames;
+3. a data set of ``clips`` scenes: HR clips encoded to HR latents, their 4x area-downsampled versions
+   (the reference's first degradation step) encoded to anchor latents, prompts encoded to contexts;
+4. the LR DiT by flow matching on the anchor latents, through :class:`~..training.ShortcutObjective` with
+   ``sc_rate`` 0 (a flow-matching-only objective; the LR model has no dt and no anchor);
+5. the HR DiT: flow matching first (``sc_rate`` 0, dt = 0), then the paper's noise-span aligned shortcut
+   training (``ShortcutConfig`` defaults: SC rate 0.3, exponential index sampling beta 0.7, calibration
+   power 0.5), both through :class:`~..training.Trainer`.
+
+The weights are exported in the published layouts (:mod:`.models`). Every random draw comes from
+generators seeded from ``seed``; on one machine with the same thread count a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..loading.tokenizer import UMT5Tokenizer
+from ..models.dit import WanDiT
+from ..models.hr import WanHRDiT
+from ..models.t5 import UMT5Encoder
+from ..models.vae import WanVAE
+from ..pipeline.stages import resize_anchor
+from ..pipeline.text import TextEncoder
+from ..training import OptimConfig, ShortcutConfig, ShortcutObjective, Trainer, TrainingBatch
+from .models import DIT, FILES, MANIFEST_FILE, SIZES, T5, TOKENIZER_FILE, VAE, ToySizes, manifest
+from .vae_training import train_vae
+from .vocab import write_tokenizer_json
+from .world import dataset, render, to_model_video
+
+log = logging.getLogger("pixelwizard")
+
+
+@dataclass(frozen=True)
+class ToyRecipe:
+    """Sizes and rates of the toy training run (defaults: the run reported in BENCHMARKS.md)."""
+
+    seed: int = 0
+    clips: int = 320
+    # VAE phases (steps, batch, crop, peak lr, object weight), each a one-cycle schedule of its own: first
+    # 64x64 crops around the object (cheap; learns the shapes), then whole frames (the middle attention
+    # then sees whole frames, as it does in use)
+    vae_phases: tuple[tuple[int, int, int, float, float], ...] = (
+        (900, 4, 64, 3e-3, 20.0), (240, 2, 256, 1e-3, 4.0), (360, 2, 256, 1e-3, 4.0))
+    lr_dit_steps: int = 1200
+    # further LR phases (steps, lr, seed offset), each with a fresh AdamW from the previous EMA weights
+    lr_dit_more: tuple[tuple[int, float, int], ...] = ((1000, 1e-3, 101), (1500, 1e-3, 101))
+    hr_pretrain_steps: int = 1000
+    hr_shortcut_steps: int = 600
+    # further shortcut phases (steps, lr, seed offset) from the previous phase's EMA weights
+    hr_shortcut_more: tuple[tuple[int, float, int], ...] = ((1200, 1e-3, 4),)
+    batch: int = 16
+    dit_lr: float = 5e-4
+    ema_decay: float = 0.995
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ToyData:
+    """The encoded data set: HR latents, anchor latents (at the HR token grid), contexts."""
+
+    hr: torch.Tensor        # [N, 48, T, H/16, W/16]
+    anchor: torch.Tensor    # [N, 48, T, H/32, W/32]: the anchor latent resized to the HR token grid
+    lr: torch.Tensor        # [N, 48, T, h/16, w/16]: the anchor latent itself (the LR DiT's data)
+    context: torch.Tensor   # [N, 512, text_dim]
+    empty: torch.Tensor     # [512, text_dim]: the "" prompt
+    prompts: list[str]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def build_text_encoder(folder: Path, seed: int) -> TextEncoder:
+    """Write the tokenizer into ``folder``; a random umT5-structured encoder (frozen: never trained)."""
+    tokenizer = UMT5Tokenizer.from_tokenizer_json(write_tokenizer_json(folder / TOKENIZER_FILE))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = UMT5Encoder(T5).eval().requires_grad_(False)
+    return TextEncoder(encoder, tokenizer)
+
+
+def new_hr_dit(seed: int) -> WanHRDiT:
+    """A fresh HR DiT with the reference's training init: dt MLP output and injector output at zero."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanHRDiT(DIT)
+    output = model.spatial_adapter.zero_layers["1"]
+    nn.init.zeros_(output.weight)
+    nn.init.zeros_(output.bias)
+    return model
+
+
+class FlowOnly(nn.Module):
+    """The LR DiT behind the objective's interface ``model(x, t, context, dt=, anchor=)`` (both unused)."""
+
+    def __init__(self, dit: WanDiT) -> None:
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *, dt: torch.Tensor,
+                anchor: torch.Tensor) -> torch.Tensor:
+        return self.dit(x, t, context)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def downsample_clip(clip: torch.Tensor, factor: int) -> torch.Tensor:
+    """Area downsampling of clip [F, H, W, 3] by ``factor`` (the anchor's degradation)."""
+    x = F.interpolate(clip.permute(0, 3, 1, 2), scale_factor=1 / factor, mode="area")
+    return x.permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def encode_dataset(vae: WanVAE, text: TextEncoder, count: int, seed: int, sizes: ToySizes = SIZES,
+                   chunk: int = 8) -> ToyData:
+    scenes = dataset(count, seed, sizes.frames)
+    factor = sizes.hr_width // sizes.lr_width
+    hr, lr = [], []
+    for start in range(0, count, chunk):
+        clips = [render(s, sizes.hr_width, sizes.hr_height, sizes.frames) for s in scenes[start:start + chunk]]
+        hr.append(vae.encode(torch.cat([to_model_video(c) for c in clips])))
+        lr.append(vae.encode(torch.cat([to_model_video(downsample_clip(c, factor)) for c in clips])))
+    prompts = [s.prompt for s in scenes]
+    lr_latents = torch.cat(lr)
+    return ToyData(hr=torch.cat(hr), anchor=resize_anchor(lr_latents, sizes.hr_width, sizes.hr_height),
+                   lr=lr_latents, context=text.encode(prompts), empty=text.encode([""])[0], prompts=prompts)
+
+
+def batches(data: ToyData, batch: int, seed: int, *, stage: str):
+    """batches(step) -> TrainingBatch of the LR or HR stage, a pure function of (seed, step)."""
+    count = data.hr.shape[0]
+
+    def make(step: int) -> TrainingBatch:
+        index = torch.randint(count, (batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+        if stage == "lr":
+            latent = data.lr[index]
+            anchor = latent.new_zeros(*latent.shape[:3], latent.shape[3] // 2, latent.shape[4] // 2)
+        else:
+            latent, anchor = data.hr[index], data.anchor[index]
+        return TrainingBatch(latent=latent, context=data.context[index], anchor=anchor, empty_context=data.empty)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------- DiTs
+
+def fit(model: nn.Module, objective: ShortcutConfig, data: ToyData, *, stage: str, steps: int, recipe: ToyRecipe,
+        seed: int) -> Trainer:
+    """Train through the project's Trainer (AdamW with beta1 0.9: from scratch, beta1 0 is slow), then
+    load the EMA weights into the model."""
+    optim = OptimConfig(lr=recipe.dit_lr, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0,
+                        ema_decay=recipe.ema_decay, ema_start=min(100, steps // 4))
+    trainer = Trainer(model, ShortcutObjective(objective), optim, seed=seed)
+    start = time.perf_counter()
+
+    def report(step: int, logs: dict[str, float]) -> None:
+        if step % 250 == 0 or step == steps:
+            log.info("%s step %d/%d loss %.4f (%.0f s)", stage, step, steps, logs["loss"], time.perf_counter() - start)
+
+    trainer.fit(batches(data, recipe.batch, seed, stage=stage), steps, log_every=0, on_step=report)
+    if trainer.ema.shadow is not None:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in trainer.ema.shadow.items():
+                params[name].copy_(value)
+    return trainer
+
+
+def train_lr_dit(data: ToyData, recipe: ToyRecipe, start: WanDiT | None = None) -> WanDiT:
+    """Flow matching at the anchor size: ``lr_dit_steps`` at ``dit_lr``, then the ``lr_dit_more`` phases
+    (each from the previous phase's EMA weights; ``start``: skip the first phase, begin from this model)."""
+    dit = start
+    if dit is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed + 1)
+            dit = WanDiT(DIT)
+    config = replace(recipe.shortcut, sc_rate=0.0)
+    phases = [(recipe.lr_dit_steps, recipe.dit_lr, 1)] + list(recipe.lr_dit_more)
+    for phase, (steps, lr, offset) in enumerate(phases):
+        if phase == 0 and start is not None:
+            continue
+        fit(FlowOnly(dit), config, data, stage="lr", steps=steps, recipe=replace(recipe, dit_lr=lr),
+            seed=recipe.seed + offset)
+    return dit.eval()
+
+
+def pretrain_hr_dit(data: ToyData, recipe: ToyRecipe) -> WanHRDiT:
+    """The starting point: flow matching only (dt = 0), as the reference fine-tunes a non-shortcut model."""
+    model = new_hr_dit(recipe.seed + 2)
+    fit(model, replace(recipe.shortcut, sc_rate=0.0), data, stage="hr-fm", steps=recipe.hr_pretrain_steps,
+        recipe=recipe, seed=recipe.seed + 2)
+    return model
+
+
+def shortcut_hr_dit(start: WanHRDiT, data: ToyData, recipe: ToyRecipe, config: ShortcutConfig | None = None,
+                    seed_offset: int = 3) -> WanHRDiT:
+    """Shortcut fine-tuning of a copy of ``start`` with ``config`` (default: the recipe's, the paper's)."""
+    model = new_hr_dit(0)
+    model.load_state_dict(start.state_dict())
+    fit(model, config or recipe.shortcut, data, stage="hr-sc", steps=recipe.hr_shortcut_steps, recipe=recipe,
+        seed=recipe.seed + seed_offset)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def _half(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """fp16 copies (the shipped files; the loaders convert to the run's dtype) with a key prefix."""
+    return {prefix + k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+
+
+def export(folder: Path, *, text: TextEncoder, vae: WanVAE, lr: WanDiT, hr: WanHRDiT, info: dict) -> dict[str, Path]:
+    """Write the four weight files (published layouts, fp16) into ``folder``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"toy_recipe": json.dumps(info, sort_keys=True)}
+    paths = {role: folder / name for role, name in FILES.items()}
+    save_file(_half(text.encoder.state_dict()), str(paths["text"]), metadata=meta)
+    save_file(_half(vae.state_dict()), str(paths["vae"]), metadata=meta)
+    save_file(_half(lr.state_dict()), str(paths["lr"]), metadata=meta)
+    # the reference's HR layout: every key under "model.", the conditioning recorded in the metadata
+    save_file(_half(hr.state_dict(), "model."), str(paths["hr"]),
+              metadata={**meta, "step_size_conditioning": hr.step_size_conditioning})
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest(), indent=2) + "\n", encoding="utf-8")
+    for path in paths.values():
+        path.chmod(0o644)  # package data: readable by everyone (safetensors writes 0600)
+    return paths
+
+
+def _cached(cache: Path | None, name: str, make, *, module: nn.Module | None = None):
+    """``make()``, or its result from ``cache/name`` (a module's state dict, or a ToyData's tensors)."""
+    path = None if cache is None else cache / f"{name}.pt"
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if module is not None:
+            module.load_state_dict(saved)
+            return module.eval()
+        return ToyData(**saved)
+    result = make()
+    if path is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(result.state_dict() if module is not None else vars(result), path)
+    return result
+
+
+def train_all(folder: str | Path, recipe: ToyRecipe = ToyRecipe(), cache: str | Path | None = None) -> dict:
+    """Train all four models and write them into ``folder``; returns the timings (seconds) and recipe.
+    ``cache``: a folder keeping the VAE, the encoded data and the models between runs (for iterating)."""
+    folder, cache = Path(folder), (None if cache is None else Path(cache))
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 1)
+        clock = now
+
+    text = build_text_encoder(folder, recipe.seed)
+    lap("text_encoder")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        vae = WanVAE(VAE)
+    hr_size, lr_size, frames = (SIZES.hr_width, SIZES.hr_height), (SIZES.lr_width, SIZES.lr_height), SIZES.frames
+
+    def make_vae() -> WanVAE:
+        shapes = ((*hr_size, frames), (*lr_size, frames), (*hr_size, 1))
+        for phase, (steps, batch, crop, lr, weight) in enumerate(recipe.vae_phases):
+            train_vae(vae, steps=steps, batch=batch, crop=crop, lr=lr, shapes=shapes, seed=recipe.seed + phase,
+                      object_weight=weight)
+        return vae
+
+    vae = _cached(cache, "vae", make_vae, module=vae)
+    lap("vae")
+    data = _cached(cache, "data", lambda: encode_dataset(vae, text, recipe.clips, recipe.seed))
+    lap("encode_dataset")
+    lr = _cached(cache, "lr_dit", lambda: train_lr_dit(data, recipe), module=WanDiT(DIT))
+    lap("lr_dit")
+    start = _cached(cache, "hr_fm", lambda: pretrain_hr_dit(data, recipe), module=new_hr_dit(0))
+    lap("hr_dit_flow_matching")
+    hr = _cached(cache, "hr_sc", lambda: shortcut_hr_dit(start, data, recipe), module=new_hr_dit(0))
+    for steps, lr, offset in recipe.hr_shortcut_more:
+        hr = shortcut_hr_dit(hr, data, replace(recipe, hr_shortcut_steps=steps, dit_lr=lr), seed_offset=offset)
+    lap("hr_dit_shortcut")
+    info = {"recipe": recipe.to_dict(), "timings_s": timings, "threads": torch.get_num_threads()}
+    export(folder, text=text, vae=vae, lr=lr, hr=hr, info=info)
+    (folder / "toy_training.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return info

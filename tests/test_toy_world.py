@@ -1,0 +1,104 @@
+"""The toy world: grammar, deterministic renders, and measurements that read a clip back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixelwizard_core.errors import ConfigError
+from pixelwizard_core.toy.measure import classify_shape, measure, sharpness
+from pixelwizard_core.toy.vocab import vocabulary, write_tokenizer_json
+from pixelwizard_core.toy.world import (
+    COLOURS,
+    MOTIONS,
+    SHAPES,
+    Scene,
+    dataset,
+    parse_prompt,
+    random_scene,
+    render,
+    scene_from_prompt,
+)
+
+
+def test_prompt_grammar_round_trips():
+    scene = Scene("triangle", "yellow", "split", "down")
+    assert scene.prompt == "a yellow triangle moving down on a split background"
+    assert parse_prompt(scene.prompt) == {"shape": "triangle", "colour": "yellow", "background": "split",
+                                          "motion": "down"}
+    assert Scene("circle", "red", "dark", "growing").prompt == "a red circle growing on a dark background"
+    assert scene_from_prompt("A blue square moving left on a light background").shape == "square"
+
+
+def test_unknown_words_are_refused():
+    with pytest.raises(ConfigError, match="purple"):
+        Scene("circle", "purple", "dark", "left")
+    with pytest.raises(ConfigError, match="shape"):
+        scene_from_prompt("a red thing moving left on a dark background")
+
+
+def test_generator_is_deterministic_and_varied():
+    first, again, other = dataset(12, 3, 5), dataset(12, 3, 5), dataset(12, 4, 5)
+    assert first == again and first != other
+    assert torch.equal(render(first[0], 64, 32, 5), render(again[0], 64, 32, 5))
+    many = dataset(200, 0, 5)
+    for name, table in (("shape", SHAPES), ("colour", COLOURS), ("motion", MOTIONS)):
+        assert {getattr(s, name) for s in many} == set(table)
+
+
+@pytest.mark.parametrize("size", [(256, 128), (64, 32)])
+def test_measurements_read_back_random_scenes(size):
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        scene = random_scene(generator, 5)
+        m = measure(render(scene, *size, 5))
+        assert (m.colour, m.shape, m.motion) == (scene.colour, scene.shape, scene.motion), scene
+
+
+def test_motion_track_and_speed():
+    scene = Scene("circle", "red", "gray", "right", x=0.3)
+    m = measure(render(scene, 256, 128, 5))
+    # 0.05 of the height per frame = 6.4 px at 128 px
+    assert m.speed == pytest.approx(6.4, abs=0.5)
+    xs = [x for x, _ in m.centroids]
+    assert all(b > a for a, b in zip(xs, xs[1:]))
+    still_y = {round(y) for _, y in m.centroids}
+    assert len(still_y) == 1
+
+
+def test_shape_classes_and_blur_lower_sharpness():
+    assert [classify_shape(f) for f in (1.0, 0.79, 0.5)] == ["square", "circle", "triangle"]
+    clip = render(Scene("square", "blue", "dark", "up"), 256, 128, 5)
+    small = F.interpolate(clip.permute(0, 3, 1, 2), scale_factor=0.25, mode="area")
+    blurred = F.interpolate(small, scale_factor=4, mode="bilinear").permute(0, 2, 3, 1)
+    assert sharpness(clip) > 0.3
+    assert sharpness(blurred) < 0.5 * sharpness(clip)
+
+
+def test_flicker_sees_background_change_only():
+    clip = render(Scene("circle", "green", "gray", "left"), 256, 128, 5)
+    assert measure(clip).flicker == pytest.approx(0.0, abs=1e-6)
+    noisy = clip.clone()
+    noisy[2] = (noisy[2] + 0.1).clamp(0, 1)
+    assert measure(noisy).flicker > 0.02
+
+
+def test_no_object_is_reported_not_guessed():
+    empty = torch.full((5, 32, 64, 3), 0.5)
+    m = measure(empty)
+    assert (m.colour, m.shape, m.motion) == ("none", "none", "none")
+    assert not any(m.matches({"colour": "red", "shape": "circle", "motion": "left"}).values())
+
+
+def test_tokenizer_file_reads_as_umt5_and_drops_foreign_words(tmp_path):
+    from pixelwizard_core.loading.tokenizer import UMT5Tokenizer
+    from pixelwizard_core.pipeline.presets import WAN_NEGATIVE_PROMPT
+
+    tokenizer = UMT5Tokenizer.from_tokenizer_json(write_tokenizer_json(tmp_path / "tokenizer.json"), 16)
+    vocab = vocabulary()
+    ids, mask = tokenizer(["a red circle moving left on a dark background", WAN_NEGATIVE_PROMPT, ""])
+    words = "a red circle moving left on a dark background".split()
+    assert ids[0, :len(words) + 1].tolist() == [vocab[w] for w in words] + [1]
+    assert ids[1].tolist() == ids[2].tolist() == [1] + [0] * 15  # like the empty prompt: </s> only
+    assert mask.sum(1).tolist() == [10, 1, 1]
