@@ -40,15 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tests" / "comfyui_frontend_check.cjs"
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT", "")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
-PACK = "comfyui-pixelwizard"
 START_TIMEOUT_S = 240
 CHECK_TIMEOUT_S = 900
 MODES = ("classic", "vue")
-
-TORCHVISION_STUB = '''"""Stand-in: ComfyUI imports torchvision at start-up; PixelWizard never uses it."""
-def __getattr__(name):
-    raise AttributeError(f"torchvision is a test stand-in here ({name!r} unavailable)")
-'''
 
 
 
@@ -106,6 +100,7 @@ def _get(url: str):
 def comfyui(tmp_path_factory):
     """URL of a ComfyUI with this pack and empty model files; stopped at the end of the module."""
     from conftest import free_port
+    from test_comfyui_integration import PACK, comfy_command, comfy_env
 
     base = tmp_path_factory.mktemp("comfy_frontend")
     (base / "custom_nodes").mkdir()
@@ -121,20 +116,10 @@ def comfyui(tmp_path_factory):
         path.touch()
     for folder in ("output", "user", "temp", "input"):
         (base / folder).mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    probe = subprocess.run([COMFYUI_PYTHON, "-c", "import torchvision"], capture_output=True, timeout=120)
-    if probe.returncode != 0:  # ComfyUI imports torchvision at start-up; a CPU torch may have no matching wheel
-        stub = base / "stubs" / "torchvision"
-        for module in (stub / "__init__.py", stub / "transforms" / "__init__.py", stub / "transforms" / "functional.py"):
-            module.parent.mkdir(parents=True, exist_ok=True)
-            module.write_text(TORCHVISION_STUB)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(base / "stubs"), env.get("PYTHONPATH")]))
+    env = comfy_env(base)
     port = free_port()
     log = base / "comfyui.log"
-    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--disable-auto-launch", "--base-directory", str(base),
-               "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",
-               "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--preview-method", "none"]
+    command = comfy_command(base, port)
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=COMFYUI_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

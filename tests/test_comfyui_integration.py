@@ -89,6 +89,27 @@ def _needs_torchvision_stub() -> bool:
     return probe.returncode != 0
 
 
+def comfy_env(scratch: Path) -> dict:
+    """The environment of a ComfyUI process: the torchvision stand-in (written under ``scratch``) on its
+    PYTHONPATH where the ComfyUI Python has no working torchvision."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    if _needs_torchvision_stub():
+        stub = scratch / "stubs" / "torchvision"
+        for module in (stub / "__init__.py", stub / "transforms" / "__init__.py", stub / "transforms" / "functional.py"):
+            module.parent.mkdir(parents=True, exist_ok=True)
+            module.write_text(TORCHVISION_STUB)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(scratch / "stubs"), env.get("PYTHONPATH")]))
+    return env
+
+
+def comfy_command(base: Path, port: int) -> list[str]:
+    """``main.py --cpu`` on 127.0.0.1:``port`` with ``base`` as its base directory and only this pack."""
+    return [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+            "--disable-auto-launch", "--base-directory", str(base),
+            "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",
+            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--preview-method", "none"]
+
+
 def _write_models(models: Path, scratch: Path) -> None:
     from spm_support import train_umt5_like_spm
     from tiny_models import state_dicts, write_comfy, write_pixelwizard
@@ -145,19 +166,10 @@ def server(tmp_path_factory):
     _write_clip(base / "input" / "input_clip.mp4")
     for folder in ("output", "user", "temp"):
         (base / folder).mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    if _needs_torchvision_stub():
-        stub = base / "stubs" / "torchvision"
-        for module in (stub / "__init__.py", stub / "transforms" / "__init__.py", stub / "transforms" / "functional.py"):
-            module.parent.mkdir(parents=True, exist_ok=True)
-            module.write_text(TORCHVISION_STUB)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(base / "stubs"), env.get("PYTHONPATH")]))
+    env = comfy_env(base)
     port = free_port()
     log = base / "comfyui.log"
-    command = [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--disable-auto-launch", "--base-directory", str(base),
-               "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",
-               "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--preview-method", "none"]
+    command = comfy_command(base, port)
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=COMFYUI_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(f"http://127.0.0.1:{port}", base, log, process)
@@ -424,13 +436,7 @@ def test_comfyuis_model_manager_evicts_our_model_through_its_patcher(tmp_path):
     our patcher, and a released model leaves ComfyUI's list."""
     script = tmp_path / "evict.py"
     script.write_text(EVICTION_CHECK.format(pack=str(ROOT), comfy=str(COMFYUI_ROOT)))
-    env = dict(os.environ)
-    if _needs_torchvision_stub():
-        stub = tmp_path / "stubs" / "torchvision"
-        for module in (stub / "__init__.py", stub / "transforms" / "__init__.py"):
-            module.parent.mkdir(parents=True, exist_ok=True)
-            module.write_text(TORCHVISION_STUB)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "stubs"), env.get("PYTHONPATH")]))
+    env = comfy_env(tmp_path)
     result = subprocess.run([COMFYUI_PYTHON, str(script)], cwd=COMFYUI_ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "eviction ok" in result.stdout, result.stdout + result.stderr

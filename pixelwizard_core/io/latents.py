@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ConfigError, MissingFileError, WeightFormatError
-from .paths import check_writable, publish, temporary_name
+from ..files import publish, temporary_name
+from .paths import check_writable
 
 FORMAT_NAME = "pixelwizard-tensors"
 FORMAT_VERSION = 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -48,33 +47,3 @@ def check_folder(folder: Path, make_dirs: bool = False) -> None:
             "or choose another folder") from e
 
 
-def temporary_name(target: Path) -> Path:
-    """A hidden, unique sibling of ``target``: same folder, so the final rename cannot cross file systems."""
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
-
-
-def publish(temporary: Path, target: Path, overwrite: bool) -> None:
-    """Flush a finished temporary file to disk and give it its final name.
-
-    Without ``overwrite`` an existing target is never replaced, not even one that appeared while we
-    were writing (a hard link fails where a rename would clobber).
-    """
-    with open(temporary, "rb+") as f:
-        os.fsync(f.fileno())  # the data must be on disk before the name says the file is complete
-    if overwrite:
-        os.replace(temporary, target)
-        return
-    try:
-        os.link(temporary, target)
-    except FileExistsError:
-        temporary.unlink(missing_ok=True)
-        raise ConfigError(
-            f"output file {str(target)!r} was created by something else while writing; nothing was replaced. "
-            "Choose another name or pass overwrite=True") from None
-    except OSError:  # file systems without hard links
-        if target.exists():
-            temporary.unlink(missing_ok=True)
-            raise ConfigError(f"output file {str(target)!r} appeared while writing; nothing was replaced") from None
-        os.replace(temporary, target)
-        return
-    temporary.unlink()

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, PixelWizardError
-from .paths import check_folder, check_writable, publish, temporary_name
+from ..files import publish, temporary_name
+from .paths import check_folder, check_writable
 
 log = logging.getLogger("pixelwizard")
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from ..files import publish, temporary_name
 from ..errors import ConfigError, MissingFileError, PixelWizardError, WeightFormatError
 
 log = logging.getLogger("pixelwizard")
@@ -76,36 +75,18 @@ def _load_trusted(src: Path) -> object:
 
 
 def _write_atomically(tensors: dict[str, torch.Tensor], dst: Path, overwrite: bool) -> None:
-    """Write to a hidden temporary sibling, flush it, then give it its name: ``dst`` is complete or absent.
-    (io.paths.publish does this for videos and latents; loading may not import io, see pyproject's layers.)"""
+    """Write to a hidden temporary sibling, then publish it: ``dst`` is complete or absent."""
     from safetensors.torch import save_file
 
-    temporary = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.partial")
+    temporary = temporary_name(dst)
     try:
         save_file(tensors, str(temporary))
-        with open(temporary, "rb+") as file:
-            os.fsync(file.fileno())  # on disk before the name says the file is complete
-        _publish(temporary, dst, overwrite)
+        publish(temporary, dst, overwrite, during="during the conversion")
     except OSError as exc:
         raise ConfigError(f"could not write {dst}: {exc.strerror or exc}; check the folder's free space and "
                           "permissions, or choose another folder") from None
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _publish(temporary: Path, dst: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(temporary, dst)
-        return
-    try:
-        os.link(temporary, dst)  # fails, where a rename would replace, if dst appeared meanwhile
-    except FileExistsError:
-        raise ConfigError(f"{dst} was created by something else during the conversion; nothing was replaced. "
-                          "Choose another name or pass --overwrite") from None
-    except OSError:  # a file system without hard links
-        if dst.exists():
-            raise ConfigError(f"{dst} appeared during the conversion; nothing was replaced") from None
-        os.replace(temporary, dst)
 
 
 def _pick_section(obj: object, section: str | None, src: str | Path) -> Mapping[str, torch.Tensor]:

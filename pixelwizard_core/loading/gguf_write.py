@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..files import publish, temporary_name
 from ..errors import ConfigError
 from ..models.quantized import QUANT_TYPES
 from .formats import KeyPlan, plan_keys
@@ -64,10 +64,10 @@ def convert_to_gguf(src: str | Path, dst: str | Path, *, qtype: str = "Q8_0", co
                               "encoder (the VAE has no Linears to quantize).")
         plan = plan_for(source, component or found)
         entries = _entries(plan, source, qtype)
-        temporary = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.partial")
+        temporary = temporary_name(dst)
         try:
             _write(temporary, entries, source, plan, found, progress)
-            _publish(temporary, dst, overwrite)
+            publish(temporary, dst, overwrite, during="during the conversion")
         finally:
             temporary.unlink(missing_ok=True)
     counts = Counter(kind for _, _, kind in entries)
@@ -167,19 +167,4 @@ def _numel(shape: tuple[int, ...]) -> int:
         n *= s
     return n
 
-
-def _publish(temporary: Path, dst: Path, overwrite: bool) -> None:
-    """Give the complete file its name; without ``overwrite`` a file that appeared meanwhile is kept."""
-    if overwrite:
-        os.replace(temporary, dst)
-        return
-    try:
-        os.link(temporary, dst)  # fails, where a rename would replace, if dst appeared meanwhile
-    except FileExistsError:
-        raise ConfigError(f"{dst} was created by something else during the conversion; nothing was replaced"
-                          ) from None
-    except OSError:  # a file system without hard links
-        if dst.exists():
-            raise ConfigError(f"{dst} appeared during the conversion; nothing was replaced") from None
-        os.replace(temporary, dst)
 
