@@ -303,19 +303,22 @@ def test_full_graph_through_prompt_and_history(server):
     outputs = entry["outputs"]
     video = read_output_video(server, outputs["8"]["text"][0])
     assert tuple(video.shape) == (5, 128, 256, 3)
-    assert outputs["6"]["text"] == ["output/it_seed100.safetensors"]
+    assert outputs["6"]["text"] == ["output/it_seed100"]
     assert (server.base / "output" / "pixelwizard" / "anchors" / "it_seed100.safetensors").is_file()
 
 
 def test_a_saved_anchor_is_listed_and_swapped_into_the_hr_stage(server):
     server.run(tiny_graph(seed=7, prefix="swap"))
     choices = server.get("/object_info/PixelWizardAnchorLoad")["PixelWizardAnchorLoad"]["input"]["required"]["anchor"][0]
-    assert "output/swap_seed7.safetensors" in choices
+    assert "output/swap_seed7" in choices  # no model suffix: the frontend would call it a missing model
     graph = {key: value for key, value in tiny_graph(prefix="swapped").items() if key not in ("2", "5", "6")}
-    graph["9"] = {"class_type": "PixelWizardAnchorLoad", "inputs": {"anchor": "output/swap_seed7.safetensors"}}
+    graph["9"] = {"class_type": "PixelWizardAnchorLoad", "inputs": {"anchor": "output/swap_seed7"}}
     graph["7"]["inputs"]["anchor"] = ["9", 0]
     outputs = server.run(graph)["outputs"]
     assert outputs["9"]["text"] == ["a red fox in snow | seed 7 | 128x64, 5 frames"]
+    graph["9"]["inputs"]["anchor"] = "output/swap_seed7.safetensors"  # as workflows saved before named it
+    graph["8"]["inputs"]["filename_prefix"] = "pixelwizard/swapped_again"
+    assert server.run(graph)["outputs"]["9"]["text"] == outputs["9"]["text"]
     assert tuple(read_output_video(server, outputs["8"]["text"][0]).shape) == (5, 128, 256, 3)
 
 
@@ -511,7 +514,7 @@ def test_pick_an_anchor_workflow_both_steps(server):
     data = load("pick_an_anchor")
     outputs = run_workflow(server, data)  # step 1 as loaded: three anchors previewed and saved
     saved = sorted(text for out in outputs.values() for text in out.get("text", []))
-    assert saved == [f"output/anchor_seed{s}.safetensors" for s in (100, 101, 102)]
+    assert saved == [f"output/anchor_seed{s}" for s in (100, 101, 102)]
     previews = [out for out in outputs.values() if "images" in out]
     assert len(previews) == 3 and all(p["images"][0]["filename"].endswith(".mp4") for p in previews)
     step2 = copy.deepcopy(data)  # step 2: unmute group 2; the anchor it loads now exists

@@ -274,7 +274,7 @@ def test_model_files_use_the_published_names(path):
             if kind != "FILE":
                 continue
             if node["type"] == "PixelWizardAnchorLoad":
-                assert value.startswith(("output/", "input/")) and value.endswith(".safetensors")
+                assert value.startswith(("output/", "input/")) and not value.endswith(".safetensors")  # listed without the suffix
             elif node["type"] == "LoadVideo":
                 assert value.endswith((".mp4", ".webm", ".mov"))
             elif node["type"] == "LoadImage":
@@ -316,7 +316,7 @@ def test_pick_an_anchor_explores_several_seeds_and_upscales_a_loaded_one():
     assert next(link for link in data["links"] if link[0] == anchor_link)[1] == loader["id"]
     # step 2 waits (muted) until an anchor has been saved and picked; step 1 queues as loaded
     assert loader["mode"] == hr["mode"] == MUTED and all(n["mode"] == ACTIVE for n in samplers)
-    saved = {f"output/anchor_seed{s}.safetensors" for s in seeds}
+    saved = {f"output/anchor_seed{s}" for s in seeds}
     assert widgets(loader)["anchor"] in saved
 
 
