@@ -32,6 +32,16 @@ SLOW_TESTS = {
     "test_the_demo_in_a_terminal",
     "test_ctrl_c_and_a_closed_terminal_during_the_decode_end_the_same_way",
     "test_sigterm_to_two_torchrun_ranks_during_the_decode",
+    # whole runs and decodes the fast tier already covers in a smaller form (4-20 s each on a loaded machine)
+    "test_stream_equals_whole_tile_decode",
+    "test_outputs_are_not_overwritten_unless_asked",
+    "test_start_image_is_the_anchor_and_pinned_hr_first_frame",
+    "test_generate_download_fetches_what_is_missing_then_generates",
+    "test_reference_mode_equals_the_reference_algorithm",
+    "test_a_backend_looked_up_inside_the_block_breaks_the_graph",
+    "test_sigterm_during_the_decode_leaves_no_partial_file_and_no_ffmpeg",
+    "test_auto_decode_equals_the_explicit_decode_with_the_chosen_tiles",
+    "test_single_process_cap_on_cpu_chooses_within_it",
 }
 
 
