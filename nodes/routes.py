@@ -1,8 +1,9 @@
 """The pack's hooks into ComfyUI's server: what the model store holds, and /free reaching the worker pool.
 
 - ``GET /pixelwizard/models``: every model the nodes hold (role, file, size, bytes on the GPU, whether
-  ComfyUI's model manager lists it, the LoRAs merged into it) and the worker pool's state, for the frontend and for a user asking
-  where their memory went.
+  ComfyUI's model manager lists it, the LoRAs merged into it), the worker pool's state and the GPU memory our
+  memory plans leave alone (ComfyUI's ``--reserve-vram``), for the frontend and for a user asking where their
+  memory went.
 - ``POST /free`` (the "Unload models" and "Free model and node cache" buttons) also stops the multi-GPU
   pool's worker processes, which ComfyUI's model manager cannot see (they are other processes); the
   models in this process are ComfyUI's to free (``nodes/comfy_memory.py``).
@@ -15,6 +16,7 @@ import logging
 
 from pixelwizard_core.distributed import pool as pool_module
 from pixelwizard_core.pipeline.lora import applied_loras
+from pixelwizard_core.pipeline.memory import reserved_bytes
 from pixelwizard_core.pipeline.placement import module_of
 from pixelwizard_core.pipeline.store import SHARED_STORE, tensor_bytes
 
@@ -34,7 +36,7 @@ def held_models() -> dict:
                "listed_by_comfyui": listed(key), "loras": [lora.describe() for lora in applied_loras(model)]}
               for key, model in SHARED_STORE.entries()]
     running = [repr(pool) for pool in pool_module.running_pools()]
-    return {"models": models, "pools": running}
+    return {"models": models, "pools": running, "reserved_vram_bytes": reserved_bytes()}
 
 
 def free_request_stops_pools(body: dict) -> bool:

@@ -104,9 +104,13 @@ def comfy_env(scratch: Path) -> dict:
     return env
 
 
+RESERVE_VRAM_GIB = 0.5  # the test servers' --reserve-vram: our memory plans must leave it alone
+
+
 def comfy_command(base: Path, port: int) -> list[str]:
     """``main.py --cpu`` on 127.0.0.1:``port`` with ``base`` as its base directory and only this pack."""
-    return [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+    return [COMFYUI_PYTHON, "main.py", "--cpu", "--reserve-vram", str(RESERVE_VRAM_GIB), "--listen", "127.0.0.1",
+            "--port", str(port),
             "--disable-auto-launch", "--base-directory", str(base),
             "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",
             "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK, "--preview-method", "none"]
@@ -347,6 +351,11 @@ def test_gguf_models_are_listed_and_run_with_a_lora_and_a_start_image(server):
     (lr,) = [m for m in held if m["role"] == "lr" and m["file"].endswith(GGUF_DIT)]
     (hr,) = [m for m in held if m["role"] == "hr" and m["file"].endswith("model-Q8_0.gguf")]
     assert lr["loras"] == [f"{LORA} @ 0.8"] and hr["loras"] == [], held  # on the quantized base only
+
+
+def test_comfyuis_reserve_vram_reaches_our_memory_plans(server):
+    """--reserve-vram 0.5: the budget of decode tiles and CFG batches (free_device_bytes) leaves it alone."""
+    assert server.get("/pixelwizard/models")["reserved_vram_bytes"] == int(RESERVE_VRAM_GIB * 2**30)
 
 
 def test_bad_input_is_an_execution_error_and_the_server_keeps_running(server):
