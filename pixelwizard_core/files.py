@@ -2,6 +2,7 @@
 
 Every writer of the library (videos, latents and anchors in ``io``, converted weights in ``loading``) goes
 through these two functions, so an interrupted or failed write never leaves a file under its final name.
+Log-like files that grow by a line (a batch's manifest) use :func:`append_line`: each line whole or absent.
 """
 
 from __future__ import annotations
