@@ -220,11 +220,12 @@ export function anchorMissingText(choice) {
   return /^input\//.test(choice ?? "") ? `not in input/${ANCHOR_FOLDER}: copy it there` : "not saved yet: queue step 1";
 }
 
-/** /view URL (with its query) of an Anchor Load choice such as "output/x.safetensors", or null. */
+/** /view URL (with its query) of an Anchor Load choice such as "output/x" (listed without the file suffix;
+ * older workflows saved "output/x.safetensors"), or null. */
 export function anchorViewPath(choice) {
-  const match = /^(input|output)\/([^/\\]+\.safetensors)$/.exec(choice ?? "");
-  if (!match) return null;
-  const query = new URLSearchParams({ filename: match[2], type: match[1], subfolder: ANCHOR_FOLDER });
+  const match = /^(input|output)\/([^/\\]+?)(\.safetensors)?$/.exec(choice ?? "");
+  if (!match || match[2] === "." || match[2] === "..") return null;
+  const query = new URLSearchParams({ filename: `${match[2]}.safetensors`, type: match[1], subfolder: ANCHOR_FOLDER });
   return `/view?${query}`;
 }
 

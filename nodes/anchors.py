@@ -103,18 +103,25 @@ def _anchor_dirs() -> dict[str, Path]:
     return {"output": host.output_dir() / ANCHOR_FOLDER, "input": host.input_dir() / ANCHOR_FOLDER}
 
 
+ANCHOR_SUFFIX = ".safetensors"
+
+
 def anchor_choices() -> list[str]:
+    """``output/<name>`` and ``input/<name>``, without the file suffix: ComfyUI's frontend takes any combo value
+    ending in a model suffix for a model file and reports an anchor not saved yet as a missing model."""
     names = []
     for where, folder in _anchor_dirs().items():
         if folder.is_dir():
-            names += [f"{where}/{p.name}" for p in sorted(folder.glob("*.safetensors"))]
+            names += [f"{where}/{p.stem}" for p in sorted(folder.glob(f"*{ANCHOR_SUFFIX}"))]
     return names
 
 
 def anchor_file(choice: str) -> Path:
+    """The file of a choice, with or without its suffix (workflows saved before the suffix was dropped)."""
     where, _, name = choice.partition("/")
     folder = _anchor_dirs().get(where)
-    if folder is None or not (folder / name).is_file():
+    name = name if name.endswith(ANCHOR_SUFFIX) else name + ANCHOR_SUFFIX
+    if folder is None or Path(name).name != name or not (folder / name).is_file():
         raise FileNotFoundError(f"anchor {choice!r} is not in input/ or output/{ANCHOR_FOLDER.as_posix()}; save one first")
     return folder / name
 
@@ -135,7 +142,7 @@ class PixelWizardAnchorSave:
     def save(self, anchor, filename_prefix):
         prefix = Path(filename_prefix).name or "anchor"
         path = anchor.save(output_path(_anchor_dirs()["output"], f"{prefix}_seed{anchor.seed}", ".safetensors", overwrite=False))
-        return {"ui": {"text": [f"output/{path.name}"]}, "result": (anchor,)}
+        return {"ui": {"text": [f"output/{path.stem}"]}, "result": (anchor,)}  # as Anchor Load lists it
 
 
 class PixelWizardAnchorLoad:
@@ -148,6 +155,15 @@ class PixelWizardAnchorLoad:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {"anchor": (anchor_choices(), {"tooltip": "anchors saved by PixelWizard Anchor Save"})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, anchor):
+        """Instead of ComfyUI's "value not in list": older workflows name the file with its suffix."""
+        try:
+            anchor_file(anchor)
+        except FileNotFoundError as error:
+            return str(error)
+        return True
 
     @classmethod
     def IS_CHANGED(cls, anchor):

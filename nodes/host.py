@@ -19,6 +19,7 @@ from pixelwizard_core.distributed.pool import PoolSpec
 from pixelwizard_core.distributed.pool_stages import PoolStages
 from pixelwizard_core.pipeline.engine import LocalStages, StageControl, Stages
 from pixelwizard_core.pipeline.handles import ModelHandle
+from pixelwizard_core.pipeline.memory import RESERVE_ENV
 from pixelwizard_core.pipeline.store import SHARED_STORE
 from pixelwizard_core.system import resolve_device
 
@@ -37,7 +38,22 @@ IN_COMFYUI = _folder_paths is not None
 AUTO_MEMORY = "auto"  # the loaders' memory mode that follows ComfyUI's VRAM state (memory_mode)
 if _mm is not None:  # ComfyUI's model manager decides what sits on the GPU (nodes/comfy_memory.py)
     SHARED_STORE.host = ComfyModelManager(_mm)
+    # --reserve-vram: our memory plans (decode tiles, the CFG batch) leave it alone, in the workers too
+    os.environ[RESERVE_ENV] = str(int(_mm.extra_reserved_memory()))
 MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders")
+# ComfyUI lists only its own weight extensions; a key of ours per folder lists the .gguf files in the same
+# directories (the list object is shared, so paths added later count too)
+GGUF_KEYS = {"diffusion_models": "pixelwizard_gguf_diffusion_models", "text_encoders": "pixelwizard_gguf_text_encoders"}
+
+
+def _register_gguf_folders(folders) -> None:
+    for folder, key in GGUF_KEYS.items():
+        if folder in folders.folder_names_and_paths and key not in folders.folder_names_and_paths:
+            folders.folder_names_and_paths[key] = (folders.folder_names_and_paths[folder][0], {".gguf"})
+
+
+if IN_COMFYUI:
+    _register_gguf_folders(_folder_paths)
 
 
 def _fallback_root() -> Path:
@@ -47,7 +63,10 @@ def _fallback_root() -> Path:
 def model_files(folder: str) -> list[str]:
     """Relative file names under a model folder (what combo widgets list)."""
     if IN_COMFYUI:
-        return _folder_paths.get_filename_list(folder)
+        names = _folder_paths.get_filename_list(folder)
+        if folder in GGUF_KEYS:
+            names = sorted({*names, *_folder_paths.get_filename_list(GGUF_KEYS[folder])})
+        return names
     root = _fallback_root() / folder
     if not root.is_dir():
         return []
@@ -64,6 +83,8 @@ def model_path(folder: str, name: str) -> Path:
     """Full path of a file picked in a combo widget; a clear error when it is gone."""
     if IN_COMFYUI:
         full = _folder_paths.get_full_path(folder, name)
+        if full is None and folder in GGUF_KEYS:
+            full = _folder_paths.get_full_path(GGUF_KEYS[folder], name)
     else:
         candidate = _fallback_root() / folder / relative_name(name)
         full = str(candidate) if candidate.is_file() else None

@@ -1,7 +1,7 @@
 """The pack's hooks into ComfyUI's server: what the model store holds, and /free reaching the worker pool.
 
 - ``GET /pixelwizard/models``: every model the nodes hold (role, file, size, bytes on the GPU, whether
-  ComfyUI's model manager lists it) and the worker pool's state, for the frontend and for a user asking
+  ComfyUI's model manager lists it, the LoRAs merged into it) and the worker pool's state, for the frontend and for a user asking
   where their memory went.
 - ``POST /free`` (the "Unload models" and "Free model and node cache" buttons) also stops the multi-GPU
   pool's worker processes, which ComfyUI's model manager cannot see (they are other processes); the
@@ -14,6 +14,7 @@ import json
 import logging
 
 from pixelwizard_core.distributed import pool as pool_module
+from pixelwizard_core.pipeline.lora import applied_loras
 from pixelwizard_core.pipeline.placement import module_of
 from pixelwizard_core.pipeline.store import SHARED_STORE, tensor_bytes
 
@@ -30,7 +31,8 @@ def held_models() -> dict:
     gpu = host.device()
     models = [{"role": key.role, "file": key.file.name, "precision": key.precision,
                "bytes": tensor_bytes(module_of(model)), "device_bytes": bytes_on(module_of(model), gpu),
-               "listed_by_comfyui": listed(key)} for key, model in SHARED_STORE.entries()]
+               "listed_by_comfyui": listed(key), "loras": [lora.describe() for lora in applied_loras(model)]}
+              for key, model in SHARED_STORE.entries()]
     running = [repr(pool) for pool in pool_module.running_pools()]
     return {"models": models, "pools": running}
 

@@ -85,6 +85,14 @@ def _add_weights(p: argparse.ArgumentParser, roles: tuple[str, ...]) -> None:
         g.add_argument("--lr_ckpt", help="PixelWizard LR checkpoint (PixelWizard/lr/model.pt)")
     if "hr" in roles:
         g.add_argument("--hr_ckpt", help="PixelWizard HR checkpoint (PixelWizard/2k/model.pt or 4k/model.pt)")
+    if "lr" in roles:
+        g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                       help="a LoRA for the LR stage's DiT (repeatable; strength 1.0 unless given; a bare name is "
+                            "looked for in the models folder's loras/)")
+    if "hr" in roles:
+        g.add_argument("--hr_lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                       help="a LoRA for the HR model (repeatable). LoRAs are trained for the base model: the HR "
+                            "model shares its architecture, but try a lower strength")
     if "text" in roles:
         g.add_argument("--text_encoder", help="umT5 file (e.g. umt5_xxl_fp16.safetensors)")
     if "vae" in roles:
@@ -136,6 +144,16 @@ def _add_prompts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negative_prompt", default="", help="default: Wan's negative prompt")
     g.add_argument("--base_seed", type=int, default=0,
                    help="prompt k gets lr_seed = base + 100k and hr_seed = base + 100(k-1) + 10000; -1 for random")
+
+
+def _add_image(p: argparse.ArgumentParser, *, pin: bool) -> None:
+    g = p.add_argument_group("start image (image to video, TI2V)")
+    g.add_argument("--image", help="PNG/JPEG file the video starts from: covered and center-cropped to the anchor "
+                                   "size, VAE-encoded and kept as the first frame (every prompt gets it)")
+    if pin:
+        g.add_argument("--pin_image_hr", action="store_true",
+                       help="pin the start image in the HR latent's first frame as well (encoded at the HR size; "
+                            "untested with the released HR weights)")
 
 
 def _add_lr(p: argparse.ArgumentParser) -> None:
@@ -208,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights(generate, ("text", "lr", "hr", "vae"))
     for adder in (_add_prompts, _add_lr, _add_hr, _add_decode):
         adder(generate)
+    _add_image(generate, pin=True)
     generate.add_argument("--save_dir", help="also save HR latents (safetensors) here (default: not saved)")
     g = generate.add_argument_group("several processes (run under torchrun; see pixelwizard_core.distributed.launch)")
     g.add_argument("--ulysses_size", type=int, default=1, help="ranks per group: N processes form N/U groups that "
@@ -216,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder over the processes")
     setup_cli.add_model_source_options(generate, demo=True)
     anchor = _command(sub, "anchor", "prompts -> anchor files (the LR stage alone)")
-    _add_weights(anchor, ("text", "lr"))
+    _add_weights(anchor, ("text", "lr", "vae"))  # the VAE only to encode --image
     for adder in (_add_prompts, _add_lr):
         adder(anchor)
+    _add_image(anchor, pin=False)
     anchor.add_argument("--anchor_dir", default="outputs/anchors", help="folder of the anchor files")
     anchor.add_argument("--overwrite", action="store_true", help="replace anchors instead of adding _N")
     setup_cli.add_model_source_options(anchor)
@@ -259,7 +279,7 @@ def make_models(args: argparse.Namespace, *roles: str) -> Models:
     return Models(files, device=device, dtype=supported_dtype(DTYPES[args.dtype], device),
                   vae_dtype=supported_dtype(DTYPES[args.vae_dtype], device), load_mode=args.model_load_mode,
                   offload=args.offload_model, t5_cpu=args.t5_cpu, attention=args.attention,
-                  block_swap=args.block_swap, compile_blocks=args.compile)
+                  block_swap=args.block_swap, compile_blocks=args.compile, loras=getattr(args, "loras", None))
 
 
 # role -> (its flags, most specific first; the loader component): as ModelFiles.resolve, a single file
@@ -293,11 +313,12 @@ def make_pipeline(args: argparse.Namespace, *roles: str) -> PixelWizard:
 # --- stages with their bars --------------------------------------------------------------------
 
 
-def _sample(record: RunRecord, label: str, stage: str, size: StageSettings, run: Callable, *args: object):
+def _sample(record: RunRecord, label: str, stage: str, size: StageSettings, run: Callable, *args: object,
+            **options: object):
     """One sampling stage under its bar, drawn once the model is in place, with the steps as its total."""
     record.doing = f"the {stage} stage of {label}"
     with stage_bar(f"{label} {stage} {size.width}x{size.height}", "step", size.steps) as bar:
-        return run(*args, on_step=bar)
+        return run(*args, on_step=bar, **options)
 
 
 def _decode_to(pw: PixelWizard, record: RunRecord, latent: torch.Tensor, args: argparse.Namespace, path: Path,
@@ -341,6 +362,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     jobs = read_prompts(args.prompt, args.prompt_file)
     checks.check_base_seed(args.base_seed, len(jobs))
     cli_batch.check_resume(args)
+    image, args.loras = checks.start_image(args), checks.lora_refs(args)
     lr = lr_settings(args)
     hr = hr_settings(args, lr.frames)
     decode = decode_settings(args, checks.hr_latent_hw(hr))
@@ -353,6 +375,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pw = make_pipeline(args, "text", "lr", "hr", "vae")
     base = pw.agree(_base_seed(args))  # every rank samples from the same seed
     record: RunRecord = args.record
+    lr_first = hr_first = None
+    if image is not None:
+        record.doing = "the encoding of --image"
+        lr_first = pw.first_frame(image, lr.width, lr.height)
+        hr_first = pw.first_frame(image, hr.width, hr.height) if args.pin_image_hr else None
     batch = cli_batch.Batch(pw, args, args.video_dir, ".mp4",
                             cli_batch.prompt_targets(pw, jobs, args, base, lr=lr, hr=hr, decode=decode))
 
@@ -363,8 +390,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         lr_seed, hr_seed = prompt_seeds(base, job.index)
         record.doing = f"the text encoding of {label}"
         text = pw.conditioning(job.prompt, job.negative_prompt or args.negative_prompt)
-        anchor = _sample(record, label, "LR", lr, pw.anchor, text, lr, lr_seed)
-        latent = _sample(record, label, "HR", hr, pw.upscale, anchor, text, hr, hr_seed)
+        anchor = _sample(record, label, "LR", lr, pw.anchor, text, lr, lr_seed, first_frame=lr_first)
+        latent = _sample(record, label, "HR", hr, pw.upscale, anchor, text, hr, hr_seed, first_frame=hr_first)
         saved = batch.extra_output(position, args.save_dir, ".safetensors") if args.save_dir and pw.is_main else None
         if saved is not None:
             metadata = {**_latent_metadata(job, anchor, hr, hr_seed, pw.identity("hr")), **batch.metadata(position)}
@@ -382,11 +409,14 @@ def cmd_anchor(args: argparse.Namespace) -> None:
     jobs = read_prompts(args.prompt, args.prompt_file)
     checks.check_base_seed(args.base_seed, len(jobs))
     cli_batch.check_resume(args)
+    image, args.loras = checks.start_image(args), checks.lora_refs(args)
     lr = lr_settings(args)
     check_folder(Path(args.anchor_dir), make_dirs=True)
-    setup_cli.resolve_weights(args, ("text", "lr"))
-    pw = PixelWizard(make_models(args, "text", "lr"))
+    roles = ("text", "lr", *(() if image is None else ("vae",)))
+    setup_cli.resolve_weights(args, roles)
+    pw = PixelWizard(make_models(args, *roles))
     base, record = _base_seed(args), args.record
+    first = None if image is None else pw.first_frame(image, lr.width, lr.height)
     batch = cli_batch.Batch(pw, args, args.anchor_dir, ".safetensors",
                             cli_batch.prompt_targets(pw, jobs, args, base, lr=lr))
 
@@ -397,7 +427,7 @@ def cmd_anchor(args: argparse.Namespace) -> None:
         lr_seed, _ = prompt_seeds(base, job.index)
         record.doing = f"the text encoding of {label}"
         text = pw.conditioning(job.prompt, job.negative_prompt or args.negative_prompt)
-        anchor = _sample(record, label, "LR", lr, pw.anchor, text, lr, lr_seed)
+        anchor = _sample(record, label, "LR", lr, pw.anchor, text, lr, lr_seed, first_frame=first)
         _save(record, "anchor", "--anchor_dir", path,
               lambda: anchor.save(path, overwrite=args.overwrite, extra=batch.metadata(position)))
         log.info("%s %s -> %s (seed %d)", label, pw.stats.summary(), path, lr_seed)
@@ -418,6 +448,7 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     for (path, anchor), hr in zip(anchors, settings):
         checks.warn_anchor_geometry((anchor.width, anchor.height), hr, path.name)
     checks.warn_checkpoint_preset(args.hr_ckpt, settings[0])
+    args.loras = checks.lora_refs(args)
     check_folder(Path(args.save_dir), make_dirs=True)
     if not args.latent_only:
         check_folder(Path(args.video_dir), make_dirs=True)

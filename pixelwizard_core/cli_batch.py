@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -117,11 +118,22 @@ class Target:
 def prompt_targets(pw: PixelWizard, jobs: list[PromptJob], args: argparse.Namespace, base_seed: int,
                    **stages: Any) -> list[Target]:
     """The outputs of ``generate`` and ``anchor``: named by prompt index, made with the prompt, the seeds, the
-    stage settings and the models' identities."""
-    models = {role: pw.identity(role) for role in ROLES[args.command]}
+    stage settings, the start image and the models' identities (LoRAs included)."""
+    image = start_image(args)
+    roles = ROLES[args.command] + (("vae",) if image and "vae" not in ROLES[args.command] else ())
+    models = {role: pw.identity(role) for role in roles}
     return [Target(str(job.output_index), job.prompt, run_settings(
         args.command, prompt=job.prompt, negative_prompt=job.negative_prompt or args.negative_prompt,
-        seeds=prompt_seeds(base_seed, job.index), models=models, **stages)) for job in jobs]
+        seeds=prompt_seeds(base_seed, job.index), models=models, image=image, **stages)) for job in jobs]
+
+
+def start_image(args: argparse.Namespace) -> dict | None:
+    """``--image`` by name and content (and whether ``--pin_image_hr`` pins it), None without one."""
+    path = getattr(args, "image", None)
+    if not path:
+        return None
+    return {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "pin_hr": bool(getattr(args, "pin_image_hr", False))}
 
 
 def file_target(command: str, pw: PixelWizard, roles: tuple[str, ...], source: Path, prompt: str,

@@ -14,7 +14,12 @@ import math
 import re
 from pathlib import Path
 
-from .errors import ConfigError
+import torch
+
+from .download import default_models_dir
+from .errors import ConfigError, PixelWizardError
+from .io.video import read_image
+from .loading.lora import LORA_FOLDER, LoraRef, parse_lora_arg
 from .pipeline.decode_budget import check_overlap
 from .pipeline.engine import DecodeSettings
 from .pipeline.memory import GIB, dit_activation_bytes, weight_bytes
@@ -32,7 +37,8 @@ MEMORY_CAP_FACTOR = 2
 ASPECT_TOLERANCE = 0.02  # anchors stretched by more than this (relative) get a warning
 LR_STEP_RANGE = (1, 1000)  # as pipeline.presets.check_stage allows
 PATH_OPTIONS = ("ckpt_dir", "dit", "text_encoder", "vae_path", "lr_ckpt", "hr_ckpt", "models", "prompt_file",
-                "video_dir", "save_dir", "anchor_dir")
+                "video_dir", "save_dir", "anchor_dir", "image")
+LORA_FLAGS = {"lr": "lora", "hr": "hr_lora"}  # role -> its repeatable FILE[:STRENGTH] flag
 
 
 # --- paths and numbers -----------------------------------------------------------------------------
@@ -72,6 +78,39 @@ def check_base_seed(seed: int, prompts: int) -> None:
         return
     offset = max(prompt_seeds(0, prompts))
     check_seed("--base_seed", seed, highest_offset=offset)
+
+
+# --- add-ons: LoRAs and the start image ------------------------------------------------------------
+
+
+def lora_refs(args: argparse.Namespace) -> dict[str, tuple[LoraRef, ...]]:
+    """Each DiT role's LoRAs from ``--lora`` / ``--hr_lora``, every file found and its keys checked (header
+    only) before any model loads; a bare name is looked for in the models folder's ``loras/``."""
+    given = {role: getattr(args, flag, None) or [] for role, flag in LORA_FLAGS.items()}
+    if not any(given.values()):
+        return {}
+    if getattr(args, "demo", False):
+        raise ConfigError("--lora with --demo: the demo's tiny models take no Wan2.2-5B LoRA; leave out --demo to "
+                          "use your models")
+    root = Path(args.models).expanduser() if getattr(args, "models", None) else default_models_dir()
+    refs = {}
+    for role, texts in given.items():
+        refs[role] = tuple(_lora(LORA_FLAGS[role], text, root / LORA_FOLDER) for text in texts)
+    return refs
+
+
+def _lora(flag: str, text: str, folder: Path) -> LoraRef:
+    try:
+        return parse_lora_arg(text, [folder])
+    except PixelWizardError as error:
+        raise ConfigError(f"--{flag} {text}: {error}") from None
+
+
+def start_image(args: argparse.Namespace) -> torch.Tensor | None:
+    """``--image`` read and decoded now (a bad file stops the run before any load); ``--pin_image_hr`` needs it."""
+    if getattr(args, "pin_image_hr", False) and not getattr(args, "image", None):
+        raise ConfigError("--pin_image_hr pins the start image: give it with --image FILE")
+    return read_image(args.image) if getattr(args, "image", None) else None
 
 
 # --- stage settings --------------------------------------------------------------------------------

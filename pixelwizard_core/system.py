@@ -40,13 +40,19 @@ class StopRequested(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Turn every stop signal into :class:`StopRequested` for the block (main thread only; elsewhere the
-    block runs unchanged), so open outputs are aborted by their context managers; handlers restored after."""
+    """Turn the first stop signal into :class:`StopRequested` for the block (main thread only; elsewhere the
+    block runs unchanged), so open outputs are aborted by their context managers; handlers restored after.
+    Later signals are ignored until the block ends: a second Ctrl-C must not interrupt the abort itself
+    (ffmpeg being stopped, a temporary file being removed) and leave a half-written file behind."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stopping: list[int] = []
 
     def raise_stop(signum: int, frame: object) -> None:
+        if stopping:
+            return  # the first stop is unwinding: let its clean-up finish
+        stopping.append(signum)
         raise StopRequested(signum)
 
     previous = {}

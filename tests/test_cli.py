@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from spm_support import train_umt5_like_spm
-from tiny_models import state_dicts, write_comfy, write_official, write_pixelwizard
+from tiny_models import DIT, state_dicts, write_comfy, write_official, write_pixelwizard
 
 from pixelwizard_core.cli import main
 from pixelwizard_core.io.video import read_video
@@ -94,6 +96,10 @@ def test_outputs_are_not_overwritten_unless_asked(weights, tmp_path):
         ({"--lr_ckpt": "HR"}, "--lr_ckpt/--dit: .* is 'hr_dit', but the lr stage needs 'dit'"),
         ({"--hr_ckpt": "LR"}, "--hr_ckpt: .* is 'dit', but the hr stage needs 'hr_dit'"),
         ({"--vae_path": "/nonexistent/vae.pth"}, "does not exist"),
+        ({"--image": "/nonexistent/start.png"}, "image file .* does not exist"),
+        ({"--lora": "/nonexistent/style.safetensors:0.5"}, "--lora /nonexistent/style.safetensors:0.5: LoRA file .* "
+                                                           "does not exist"),
+        ({"--hr_lora": "BADLORA"}, "--hr_lora .*: .*not a Wan2.2-5B LoRA"),
         ({"--video_dir": "/proc/no_such_place"}, "cannot create output folder"),
     ],
 )
@@ -102,7 +108,11 @@ def test_bad_input_fails_before_any_model_is_loaded(weights, tmp_path, caplog, m
 
     monkeypatch.setattr(ModelStore, "_load", lambda self, key, *rest: pytest.fail(f"loaded {key.role} despite bad input"))
     args = {"--video_dir": str(tmp_path), "--prompt": "x"}
-    args.update({k: {"HR": str(weights["pw"]["hr"]), "LR": str(weights["pw"]["lr"])}.get(v, v) for k, v in change.items()})
+    bad_lora = tmp_path / "other.safetensors"  # a LoRA of another model: no key names a Wan module
+    save_file({"unet.down.0.lora_down.weight": torch.zeros(2, 8), "unet.down.0.lora_up.weight": torch.zeros(8, 2)},
+              str(bad_lora))
+    aliases = {"HR": str(weights["pw"]["hr"]), "LR": str(weights["pw"]["lr"]), "BADLORA": str(bad_lora)}
+    args.update({k: aliases.get(v, v) for k, v in change.items()})
     argv = ["generate", *official_args(weights), *FAST]
     for flag, value in args.items():
         if flag in argv:
@@ -132,3 +142,79 @@ def test_decode_takes_only_the_vae_from_a_partial_official_folder(weights, tmp_p
     assert main(["decode", "--ckpt_dir", str(folder), "--device", "cpu", "--num_patches", "1", str(latent),
                  "--video_dir", str(tmp_path / "v")]) == 0
     assert tuple(read_video(tmp_path / "v" / "l.mp4").shape) == (5, 64, 128, 3)
+
+
+# --- add-ons: LoRAs and the start image --------------------------------------------------------------
+
+
+def _lora_for_the_tiny_dit(folder) -> str:
+    """A ComfyUI-format LoRA on blocks.0.self_attn.q of the tiny DiT, in ``folder``."""
+    out_dim = in_dim = DIT.dim
+    g = torch.Generator().manual_seed(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(2, in_dim, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(out_dim, 2, generator=g)},
+              str(folder / "style.safetensors"))
+    return "style.safetensors"
+
+
+@pytest.mark.slow  # three tiny runs
+def test_lora_flags_from_the_models_folder_change_the_run_and_strength_zero_does_not(weights, tmp_path):
+    name = _lora_for_the_tiny_dit(tmp_path / "models" / "loras")
+    base = ["generate", *official_args(weights), *FAST, "--prompt", "a fox", "--models", str(tmp_path / "models"),
+            "--video_dir", str(tmp_path / "v")]
+    latents = {}
+    for label, extra in {"none": [], "zero": ["--lora", f"{name}:0"], "half": ["--lora", f"{name}:0.5"],
+                         "hr": ["--hr_lora", f"{name}:0.5"]}.items():
+        assert main([*base, *extra, "--save_dir", str(tmp_path / label)]) == 0
+        latents[label] = load_hr_latent(tmp_path / label / "0.safetensors")[0]
+    assert torch.equal(latents["zero"], latents["none"])  # strength 0: the base model, bit for bit
+    assert not torch.allclose(latents["half"], latents["none"])  # the LR DiT changed, so did its anchor
+    assert not torch.allclose(latents["hr"], latents["none"])  # the HR model's own LoRA
+
+
+def _two_colour_png(path, width: int = 96, height: int = 48) -> np.ndarray:
+    from pixelwizard_core.io.video import encode_png
+
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 2] = (230, 40, 30)
+    image[:, width // 2:] = (20, 60, 220)
+    path.write_bytes(encode_png(image))
+    return image
+
+
+def test_start_image_is_the_anchor_and_pinned_hr_first_frame(weights, tmp_path):
+    from pixelwizard_core.io.video import read_image
+    from pixelwizard_core.pipeline.first_frame import encode_first_frame
+    from pixelwizard_core.pipeline.models import ModelFiles, Models
+
+    _two_colour_png(tmp_path / "start.png")
+    models = ["--ckpt_dir", str(weights["official"]), "--lr_ckpt", str(weights["pw"]["lr"]), *DEVICE]
+    assert main(["anchor", *models, *LR, "--prompt", "a fox", "--image", str(tmp_path / "start.png"),
+                 "--anchor_dir", str(tmp_path / "a")]) == 0
+    assert main(["generate", *official_args(weights), *FAST, "--prompt", "a fox", "--image", str(tmp_path / "start.png"),
+                 "--pin_image_hr", "--save_dir", str(tmp_path / "l"), "--video_dir", str(tmp_path / "v")]) == 0
+    vae_models = Models(ModelFiles(vae=weights["official"] / "Wan2.2_VAE.pth"), vae_dtype=torch.float32)
+    image = read_image(tmp_path / "start.png")
+    with vae_models.use("vae") as vae:
+        at_anchor = encode_first_frame(vae, image, 128, 64).latent
+        at_hr = encode_first_frame(vae, image, 256, 128).latent
+    anchor = Anchor.load(tmp_path / "a" / "0.safetensors")
+    torch.testing.assert_close(anchor.latent[:, :, :1], at_anchor, rtol=0, atol=1e-5)
+    hr_latent = load_hr_latent(tmp_path / "l" / "0.safetensors")[0]
+    torch.testing.assert_close(hr_latent[:, :, :1], at_hr, rtol=0, atol=1e-5)
+    assert not torch.allclose(hr_latent[:, :, 1:], torch.zeros_like(hr_latent[:, :, 1:]))  # the rest is sampled
+
+
+def test_image_flag_refusals_come_before_any_load(weights, tmp_path, caplog, monkeypatch):
+    from pixelwizard_core.pipeline.store import ModelStore
+
+    monkeypatch.setattr(ModelStore, "_load", lambda self, key, *rest: pytest.fail(f"loaded {key.role}"))
+    argv = ["generate", *official_args(weights), *FAST, "--prompt", "x", "--video_dir", str(tmp_path)]
+    assert main([*argv, "--pin_image_hr"]) == 2
+    assert "--pin_image_hr pins the start image: give it with --image" in caplog.text
+    (tmp_path / "not_an_image.png").write_bytes(b"hello")
+    assert main([*argv, "--image", str(tmp_path / "not_an_image.png")]) == 2
+    assert "could not read not_an_image.png as an image" in caplog.text
+    assert main(["generate", "--demo", "--lora", "x.safetensors", "--video_dir", str(tmp_path)]) == 2
+    assert "--lora with --demo" in caplog.text

@@ -49,8 +49,11 @@ def test_each_stage_command_lists_only_the_weights_it_loads():
     options = {name: {o for a in p._actions for o in a.option_strings} for name, p in _commands().items()}
     weights = {"--ckpt_dir", "--dit", "--lr_ckpt", "--hr_ckpt", "--text_encoder", "--vae_path"}
     assert options["generate"] >= weights | {"--vae_dtype", "--t5_cpu", "--block_swap", "--demo"}
-    assert options["anchor"] & weights == {"--ckpt_dir", "--dit", "--lr_ckpt", "--text_encoder"}
-    assert "--vae_dtype" not in options["anchor"]
+    # anchor: the VAE only encodes --image
+    assert options["anchor"] & weights == {"--ckpt_dir", "--dit", "--lr_ckpt", "--text_encoder", "--vae_path"}
+    assert {"--image", "--lora", "--vae_dtype"} <= options["anchor"] and "--hr_lora" not in options["anchor"]
+    assert {"--image", "--pin_image_hr", "--lora", "--hr_lora"} <= options["generate"]
+    assert "--hr_lora" in options["upscale"] and not options["decode"] & {"--lora", "--hr_lora", "--image"}
     assert options["upscale"] & weights == {"--ckpt_dir", "--hr_ckpt", "--text_encoder", "--vae_path"}
     assert options["decode"] & weights == {"--ckpt_dir", "--vae_path"}
     assert not options["decode"] & {"--dtype", "--attention", "--block_swap", "--t5_cpu", "--offload_model"}

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pixelwizard_core.pipeline.anchors import Anchor
+
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT", "")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -127,6 +129,29 @@ def _write_models(models: Path, scratch: Path) -> None:
     (models / "diffusion_models" / "PixelWizard" / "4k").mkdir()
     shutil.copy(files["hr"], models / "diffusion_models" / "PixelWizard" / "4k" / "model.pt")
     write_pixelwizard(models / "diffusion_models" / "PixelWizardBig", big_states())
+    _write_add_ons(models)
+
+
+GGUF_DIT = "wan2.2_ti2v_5B-Q8_0.gguf"
+GGUF_HR = "PixelWizard/2k/model-Q8_0.gguf"
+LORA = "style_lora.safetensors"
+
+
+def _write_add_ons(models: Path) -> None:
+    """Q8_0 GGUF copies of the base and HR DiTs (our converter) and a ComfyUI-format LoRA in models/loras."""
+    from safetensors.torch import save_file
+    from tiny_models import DIT
+
+    from pixelwizard_core.loading.gguf_write import convert_to_gguf
+
+    dits = models / "diffusion_models"
+    convert_to_gguf(dits / "wan2.2_ti2v_5B_fp16.safetensors", dits / GGUF_DIT, qtype="Q8_0")
+    convert_to_gguf(dits / "PixelWizard" / "2k" / "model.pt", dits / GGUF_HR, qtype="Q8_0")
+    g = torch.Generator().manual_seed(4)
+    (models / "loras").mkdir()
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(2, DIT.dim, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(DIT.dim, 2, generator=g)},
+              str(models / "loras" / LORA))
 
 
 def big_states() -> dict:
@@ -152,6 +177,16 @@ def _write_clip(path: Path) -> None:
     write_video(path, [frames], fps=24, crf=10)
 
 
+def _write_image(path: Path) -> None:
+    """The image of the image-to-video workflow: two colour halves, 160x96."""
+    from pixelwizard_core.io.video import encode_png
+
+    image = torch.zeros(96, 160, 3, dtype=torch.uint8)
+    image[:, :80] = torch.tensor([230, 40, 30], dtype=torch.uint8)
+    image[:, 80:] = torch.tensor([20, 60, 220], dtype=torch.uint8)
+    path.write_bytes(encode_png(image.numpy()))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from conftest import free_port
@@ -164,6 +199,7 @@ def server(tmp_path_factory):
         shutil.copytree(ROOT, base / "custom_nodes" / PACK, ignore=shutil.ignore_patterns(".git", "__pycache__"))
     _write_models(base / "models", tmp_path_factory.mktemp("scratch"))
     _write_clip(base / "input" / "input_clip.mp4")
+    _write_image(base / "input" / "start_image.png")
     for folder in ("output", "user", "temp"):
         (base / folder).mkdir(exist_ok=True)
     env = comfy_env(base)
@@ -267,20 +303,50 @@ def test_full_graph_through_prompt_and_history(server):
     outputs = entry["outputs"]
     video = read_output_video(server, outputs["8"]["text"][0])
     assert tuple(video.shape) == (5, 128, 256, 3)
-    assert outputs["6"]["text"] == ["output/it_seed100.safetensors"]
+    assert outputs["6"]["text"] == ["output/it_seed100"]
     assert (server.base / "output" / "pixelwizard" / "anchors" / "it_seed100.safetensors").is_file()
 
 
 def test_a_saved_anchor_is_listed_and_swapped_into_the_hr_stage(server):
     server.run(tiny_graph(seed=7, prefix="swap"))
     choices = server.get("/object_info/PixelWizardAnchorLoad")["PixelWizardAnchorLoad"]["input"]["required"]["anchor"][0]
-    assert "output/swap_seed7.safetensors" in choices
+    assert "output/swap_seed7" in choices  # no model suffix: the frontend would call it a missing model
     graph = {key: value for key, value in tiny_graph(prefix="swapped").items() if key not in ("2", "5", "6")}
-    graph["9"] = {"class_type": "PixelWizardAnchorLoad", "inputs": {"anchor": "output/swap_seed7.safetensors"}}
+    graph["9"] = {"class_type": "PixelWizardAnchorLoad", "inputs": {"anchor": "output/swap_seed7"}}
     graph["7"]["inputs"]["anchor"] = ["9", 0]
     outputs = server.run(graph)["outputs"]
     assert outputs["9"]["text"] == ["a red fox in snow | seed 7 | 128x64, 5 frames"]
+    graph["9"]["inputs"]["anchor"] = "output/swap_seed7.safetensors"  # as workflows saved before named it
+    graph["8"]["inputs"]["filename_prefix"] = "pixelwizard/swapped_again"
+    assert server.run(graph)["outputs"]["9"]["text"] == outputs["9"]["text"]
     assert tuple(read_output_video(server, outputs["8"]["text"][0]).shape) == (5, 128, 256, 3)
+
+
+def test_gguf_models_are_listed_and_run_with_a_lora_and_a_start_image(server):
+    """ComfyUI's combos list .gguf files beside the safetensors; the graph runs on Q8_0 base and HR DiTs with a
+    LoRA on the quantized base (a runtime delta) and a start image (ComfyUI's Load Image) as the first frame."""
+    wan_inputs = server.get("/object_info/PixelWizardWanLoader")["PixelWizardWanLoader"]["input"]["required"]
+    assert GGUF_DIT in wan_inputs["diffusion_model"][0] and "wan2.2_ti2v_5B_fp16.safetensors" in wan_inputs["diffusion_model"][0]
+    checkpoints = server.get("/object_info/PixelWizardCheckpointLoader")["PixelWizardCheckpointLoader"]
+    assert GGUF_HR in checkpoints["input"]["required"]["checkpoint"][0]
+    loras = server.get("/object_info/PixelWizardLoRA")["PixelWizardLoRA"]["input"]["required"]["lora_name"][0]
+    assert LORA in loras
+    graph = {key: node for key, node in tiny_graph(prefix="gguf").items() if key != "2"}
+    graph["1"]["inputs"]["diffusion_model"] = GGUF_DIT
+    graph["3"]["inputs"]["checkpoint"] = GGUF_HR
+    graph["10"] = {"class_type": "PixelWizardLoRA", "inputs": {"wan": ["1", 0], "lora_name": LORA, "strength": 0.8,
+                                                               "hr_strength": 0.0}}
+    graph["11"] = {"class_type": "LoadImage", "inputs": {"image": "start_image.png"}}
+    del graph["5"]["inputs"]["lr_model"]  # the anchor runs the Wan loader's (GGUF) DiT
+    graph["5"]["inputs"].update(wan=["10", 0], start_image=["11", 0])
+    outputs = server.run(graph)["outputs"]
+    assert tuple(read_output_video(server, outputs["8"]["text"][0]).shape) == (5, 128, 256, 3)
+    anchor = Anchor.load(server.base / "output" / "pixelwizard" / "anchors" / "gguf_seed100.safetensors")
+    assert " + LoRA " in anchor.model and anchor.model.endswith(" @ 0.8"), anchor.model  # the anchor says so
+    held = server.get("/pixelwizard/models")["models"]
+    (lr,) = [m for m in held if m["role"] == "lr" and m["file"].endswith(GGUF_DIT)]
+    (hr,) = [m for m in held if m["role"] == "hr" and m["file"].endswith("model-Q8_0.gguf")]
+    assert lr["loras"] == [f"{LORA} @ 0.8"] and hr["loras"] == [], held  # on the quantized base only
 
 
 def test_bad_input_is_an_execution_error_and_the_server_keeps_running(server):
@@ -323,7 +389,7 @@ def run_workflow(server: Server, data: dict) -> dict:
     return outputs
 
 
-@pytest.mark.parametrize("name", ["text_to_2k_video", "text_to_4k_video", "video_to_2k"])
+@pytest.mark.parametrize("name", ["text_to_2k_video", "text_to_4k_video", "video_to_2k", "image_to_2k_video"])
 def test_example_workflow_runs(server, name):
     from test_workflows import load
 
@@ -448,7 +514,7 @@ def test_pick_an_anchor_workflow_both_steps(server):
     data = load("pick_an_anchor")
     outputs = run_workflow(server, data)  # step 1 as loaded: three anchors previewed and saved
     saved = sorted(text for out in outputs.values() for text in out.get("text", []))
-    assert saved == [f"output/anchor_seed{s}.safetensors" for s in (100, 101, 102)]
+    assert saved == [f"output/anchor_seed{s}" for s in (100, 101, 102)]
     previews = [out for out in outputs.values() if "images" in out]
     assert len(previews) == 3 and all(p["images"][0]["filename"].endswith(".mp4") for p in previews)
     step2 = copy.deepcopy(data)  # step 2: unmute group 2; the anchor it loads now exists

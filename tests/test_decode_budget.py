@@ -174,6 +174,9 @@ def test_cuda_budget_is_free_plus_reusable_cache_less_the_margin(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 0)
     assert free_device_bytes("cuda") == 0  # never negative
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (10 * GIB, 80 * GIB))
+    monkeypatch.setenv("PIXELWIZARD_RESERVE_VRAM_BYTES", str(3 * GIB))  # ComfyUI's --reserve-vram 3
+    assert free_device_bytes("cuda") == int((7 * GIB - HEADROOM_BYTES) / (1 + HEADROOM_FRACTION))
 
 
 def test_auto_shares_the_budget_within_a_batch_and_explains_failures(monkeypatch):

@@ -289,6 +289,64 @@ def llama_t5_name(name: str) -> str:
     return f"enc.blk.{index}.{T5_PARTS[rest.removesuffix('.weight')]}.weight"
 
 
+def test_block_swap_streams_blocks_stored_in_different_quantizations(tmp_path: Path) -> None:
+    """Q4_K_M-style files store some blocks' Linears in another type than the rest: each swapped block keeps
+    its own layout, the slots fit the largest, and the output is the unswapped model's bit for bit."""
+    from pixelwizard_core.models.block_swap import BlockSwap
+
+    state = tiny_dit().state_dict()
+    kinds = {0: "Q8_0", 1: "Q4_0", 2: "Q5_1"}
+    quantize = {k: kinds[int(k.split(".")[1])] for k in block_linears(state, "Q8_0")}
+    write_gguf(tmp_path / "mixed.gguf", state, quantize)
+    model = load_dit(tmp_path / "mixed.gguf")
+    assert [model.blocks[i].ffn[0].qtype for i in range(3)] == ["Q8_0", "Q4_0", "Q5_1"]
+    inputs = dit_inputs()
+    with torch.no_grad():
+        expected = model(*inputs)
+        with BlockSwap(model.blocks, 3, "cpu") as swap:
+            swapped = model(*inputs)
+            sizes = [layout.nbytes for layout in swap._layouts]
+            assert len(set(sizes)) == 3 and swap.slot_bytes() == 2 * max(sizes)
+            assert swap.host_bytes()["buffer"] == max(sizes)
+    assert torch.equal(swapped, expected)
+    assert torch.equal(model(*inputs), expected)  # back on its own tensors
+
+
+def test_a_lora_on_a_gguf_dit_runs_as_a_delta_and_comes_off_exactly(tmp_path: Path) -> None:
+    """A LoRA on Q8_0 Linears (raw blocks, shape [out, in/32*34]) is checked against the weight's [out, in] and
+    runs beside the quantized weight: the output is that of the file's float weights with W + s*(a/r)*B*A
+    merged by hand; removing it gives the quantized model's output back bit for bit."""
+    from safetensors.torch import save_file
+
+    from pixelwizard_core.models.lora import has_delta
+    from pixelwizard_core.pipeline.lora import applied_loras, remove_loras, sync_loras
+    from pixelwizard_core.loading.lora import lora_ref
+
+    model = tiny_dit()
+    state = model.state_dict()
+    held = write_gguf(tmp_path / "dit.gguf", state, block_linears(state, "Q8_0"))
+    g = torch.Generator().manual_seed(9)
+    down, up = torch.randn(4, CONFIG.dim, generator=g), torch.randn(CONFIG.ffn_dim, 4, generator=g) * 0.1
+    target = "blocks.1.ffn.0.weight"
+    save_file({"diffusion_model.blocks.1.ffn.0.lora_down.weight": down,
+               "diffusion_model.blocks.1.ffn.0.lora_up.weight": up, "diffusion_model.blocks.1.ffn.0.alpha": torch.tensor(2.0)},
+              str(tmp_path / "lora.safetensors"))
+    quantized_dit = load_dit(tmp_path / "dit.gguf", dtype="fp32")
+    inputs = dit_inputs()
+    with torch.no_grad():
+        plain = quantized_dit(*inputs)
+        sync_loras(quantized_dit, [lora_ref(tmp_path / "lora.safetensors", 0.7)], "cpu")
+        assert has_delta(quantized_dit.blocks[1].ffn[0]) and applied_loras(quantized_dit)
+        with_lora = quantized_dit(*inputs)
+        by_hand = dict(held)
+        by_hand[target] = held[target] + 0.7 * (2.0 / 4) * (up @ down)
+        model.load_state_dict(by_hand)
+        expected = model(*inputs)
+        remove_loras(quantized_dit)
+        assert torch.equal(quantized_dit(*inputs), plain)
+    assert relative(with_lora, expected) < 1e-5 and relative(with_lora, plain) > 1e-3
+
+
 def test_umt5_with_llama_cpp_names_and_a_quantized_token_table(tmp_path: Path) -> None:
     torch.manual_seed(2)
     model = UMT5Encoder(T5_CONFIG).eval()

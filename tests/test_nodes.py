@@ -89,10 +89,15 @@ def test_full_graph_text_anchor_save_load_hr_decode_to_video(comfy_env):
     anchor, latent = sample_anchor(wan, text, lr_model=checkpoint("lr"))
     assert latent["samples"].shape == (1, 48, 2, 4, 8)
     saved = N["PixelWizardAnchorSave"]().save(anchor, "picked")
-    choice = f"output/{saved['ui']['text'][0].split('/')[-1]}"
-    assert choice in N["PixelWizardAnchorLoad"].INPUT_TYPES()["required"]["anchor"][0]
+    choice = saved["ui"]["text"][0]
+    # listed without the file suffix (the frontend takes a value ending in .safetensors for a model file)
+    assert choice == "output/picked_seed100" and choice in N["PixelWizardAnchorLoad"].INPUT_TYPES()["required"]["anchor"][0]
     loaded = N["PixelWizardAnchorLoad"]().load(choice)["result"][0]
     assert torch.equal(loaded.latent, anchor.latent) and loaded.seed == 100
+    load = N["PixelWizardAnchorLoad"]
+    assert load.VALIDATE_INPUTS(choice) is True and load.VALIDATE_INPUTS(choice + ".safetensors") is True  # older workflows
+    assert "save one first" in load.VALIDATE_INPUTS("output/never_saved")
+    assert "save one first" in load.VALIDATE_INPUTS("output/../output/picked_seed100")
     hr = N["PixelWizardHRSampler"]().sample(checkpoint("hr"), loaded, text, "custom", 256, 128, 2, 5.5, 5.0, 10000, "unipc")[0]
     assert hr["samples"].shape == (1, 48, 2, 8, 16)
     result = N["PixelWizardDecodeToVideo"]().decode(wan, hr, 2, "w", 1, "cosine", "pixelwizard/video", 24, 10)

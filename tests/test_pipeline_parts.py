@@ -64,7 +64,9 @@ def test_stage_settings_are_checked_before_any_work():
     assert two_k.latent_shape == (48, 31, 90, 160) and two_k.tokens == 111_600
     check_stage(two_k, hr=True)
     for bad, message in [(dict(frames=120), "4k\\+1"), (dict(steps=9), "outside 2..8"), (dict(width=2550), "multiple of 32"),
-                         (dict(shift=0.0), "positive"), (dict(cfg=0.5), "at least 1")]:
+                         (dict(shift=0.0), "positive"), (dict(cfg=0.5), "at least 1"),
+                         (dict(shift=float("nan")), "positive"), (dict(cfg=float("nan")), "at least 1"),
+                         (dict(shift=float("inf")), "positive"), (dict(cfg=float("inf")), "at least 1")]:
         settings = StageSettings(**{**two_k.__dict__, **bad})
         with pytest.raises(ConfigError, match=message):
             check_stage(settings, hr=True)

@@ -134,6 +134,30 @@ def test_a_stop_signal_becomes_an_exception_that_cleans_up(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
 
 
+def test_a_second_signal_does_not_interrupt_the_abort_of_the_first(tmp_path, monkeypatch):
+    """Ctrl-C twice: the second arrives while the writer aborts (here: while ffmpeg is being stopped); the
+    abort still completes and removes the partial file, and the run ends with the first signal."""
+    from pixelwizard_core.io import video
+
+    real_stop = video.VideoWriter.abort
+    seconds = []
+
+    def abort_with_a_second_signal(self) -> None:
+        signal.raise_signal(signal.SIGINT)  # would raise inside the clean-up without the guard
+        seconds.append(True)
+        real_stop(self)
+
+    monkeypatch.setattr(video.VideoWriter, "abort", abort_with_a_second_signal)
+    target = tmp_path / "x.mp4"
+    with pytest.raises(KeyboardInterrupt) as stopped, system.stop_on_signals():
+        with video.VideoWriter(target, fps=8) as writer:
+            writer.append(torch.zeros(1, 32, 32, 3))
+            signal.raise_signal(signal.SIGTERM)
+    assert seconds == [True] and stopped.value.signal_name == "SIGTERM"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_devices_resolve_by_platform(monkeypatch):
     assert system.resolve_device("auto") == torch.device("cpu")
     assert system.resolve_device("CPU") == torch.device("cpu")

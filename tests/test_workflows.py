@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-EXPECTED = {"text_to_2k_video", "text_to_4k_video", "pick_an_anchor", "video_to_2k", "text_to_2k_video_multi_gpu"}
+EXPECTED = {"text_to_2k_video", "text_to_4k_video", "pick_an_anchor", "video_to_2k", "text_to_2k_video_multi_gpu",
+            "image_to_2k_video"}
 ANY = "*"  # an input of this type accepts any link (ComfyUI's legacy 'Any' type)
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
@@ -34,6 +35,9 @@ CORE_NODES: dict[str, dict] = {
                                ("audio", "AUDIO", {"optional": True})], "outputs": [("VIDEO", "VIDEO")]},
     "SaveVideo": {"inputs": [("video", "VIDEO", {}), ("filename_prefix", "STRING", {}), ("format", ["auto", "mp4"], {}),
                              ("codec", ["auto", "h264"], {})], "outputs": [], "output_node": True},
+    # nodes.py
+    "LoadImage": {"inputs": [("image", "FILE", {}), ("upload", "UPLOAD", {})],
+                  "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
     # comfy_extras/nodes_images.py
     "ImageFromBatch": {"inputs": [("image", "IMAGE", {}), ("batch_index", "INT", {"min": 0, "max": 4095}),
                                   ("length", "INT", {"min": 1, "max": 4096})], "outputs": [("IMAGE", "IMAGE")]},
@@ -250,7 +254,7 @@ def widgets(node: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- tests
 
-def test_the_four_example_workflows_are_there():
+def test_the_six_example_workflows_are_there():
     assert {p.stem for p in WORKFLOWS.glob("*.json")} >= EXPECTED
 
 
@@ -270,9 +274,11 @@ def test_model_files_use_the_published_names(path):
             if kind != "FILE":
                 continue
             if node["type"] == "PixelWizardAnchorLoad":
-                assert value.startswith(("output/", "input/")) and value.endswith(".safetensors")
+                assert value.startswith(("output/", "input/")) and not value.endswith(".safetensors")  # listed without the suffix
             elif node["type"] == "LoadVideo":
                 assert value.endswith((".mp4", ".webm", ".mov"))
+            elif node["type"] == "LoadImage":
+                assert value.endswith((".png", ".jpg", ".jpeg", ".webp"))
             else:
                 assert value in MODEL_FILES, f"{node['type']}.{name} = {value!r}"
 
@@ -310,7 +316,7 @@ def test_pick_an_anchor_explores_several_seeds_and_upscales_a_loaded_one():
     assert next(link for link in data["links"] if link[0] == anchor_link)[1] == loader["id"]
     # step 2 waits (muted) until an anchor has been saved and picked; step 1 queues as loaded
     assert loader["mode"] == hr["mode"] == MUTED and all(n["mode"] == ACTIVE for n in samplers)
-    saved = {f"output/anchor_seed{s}.safetensors" for s in seeds}
+    saved = {f"output/anchor_seed{s}" for s in seeds}
     assert widgets(loader)["anchor"] in saved
 
 
@@ -324,6 +330,16 @@ def test_video_to_2k_builds_the_anchor_from_loaded_frames():
     assert api[frames_src["inputs"]["image"][0]]["class_type"] == "GetVideoComponents"
     hr_key, hr = by_class["PixelWizardHRSampler"]
     assert api[hr["inputs"]["anchor"][0]]["class_type"] == "PixelWizardAnchorFromVideo"
+
+
+def test_image_to_2k_starts_the_anchor_from_the_loaded_image():
+    api = to_api_prompt(load("image_to_2k_video"))
+    by_class = {v["class_type"]: (k, v) for k, v in api.items()}
+    load_key, _ = by_class["LoadImage"]
+    _, sampler = by_class["PixelWizardAnchorSampler"]
+    assert sampler["inputs"]["start_image"] == [load_key, 0]
+    _, hr = by_class["PixelWizardHRSampler"]
+    assert api[hr["inputs"]["anchor"][0]]["class_type"] == "PixelWizardAnchorSampler"
 
 
 def test_multi_gpu_workflow_runs_every_heavy_stage_on_the_pool():

@@ -114,9 +114,11 @@ test("an anchor's metadata is read from the safetensors header", async () => {
   assert.equal(anchorFromMetadata({ ...meta, "pixelwizard.kind": "pixelwizard.hr_latent" }), null);
   assert.equal(anchorFromMetadata({ ...meta, seed: "oops" }), null);
   assert.equal(safetensorsHeaderLength(new Uint8Array(4)), null);
-  assert.equal(anchorViewPath("output/anchor_seed1.safetensors"),
+  assert.equal(anchorViewPath("output/anchor_seed1"),
     "/view?filename=anchor_seed1.safetensors&type=output&subfolder=pixelwizard%2Fanchors");
+  assert.equal(anchorViewPath("output/anchor_seed1.safetensors"), anchorViewPath("output/anchor_seed1"));  // older workflows
   assert.equal(anchorViewPath("input/x.safetensors").includes("type=input"), true);
   assert.equal(anchorViewPath("temp/x.safetensors"), null);
   assert.equal(anchorViewPath("output/../x.safetensors"), null);
+  assert.equal(anchorViewPath("output/.."), null);
 });

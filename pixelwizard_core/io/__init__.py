@@ -11,6 +11,7 @@ from .video import (
     encode_png,
     frames_to_uint8,
     probe_video,
+    read_image,
     read_video,
     write_video,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "frames_to_uint8",
     "load_tensor_file",
     "probe_video",
+    "read_image",
     "read_video",
     "save_tensor_file",
     "tensors_sha256",

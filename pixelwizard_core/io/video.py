@@ -329,6 +329,31 @@ def read_video(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames))
 
 
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """A still image (PNG, JPEG, WebP, ...) as float ``[H, W, 3]`` in 0..1 (RGB; alpha dropped), decoded by
+    the same ffmpeg as the videos, so no imaging library is needed. A video file gives its first frame."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise ConfigError(f"image file {str(source)!r} does not exist: give the path of a PNG or JPEG file")
+    import imageio_ffmpeg
+
+    try:
+        reader = imageio_ffmpeg.read_frames(str(source), pix_fmt="rgb24")
+        try:
+            width, height = next(reader)["size"]
+            raw = next(reader, None)
+        finally:
+            reader.close()
+    except (OSError, RuntimeError, StopIteration) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"could not read {source.name} as an image ({reason}): give a PNG, JPEG or WebP "
+                          "file") from None
+    if raw is None:
+        raise ConfigError(f"{source.name} holds no image: give a PNG, JPEG or WebP file")
+    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0)
+
+
 def probe_video(path: str | os.PathLike) -> dict:
     """ffmpeg's description of a video file: size (w, h), fps, codec, pix_fmt, duration, ..."""
     import imageio_ffmpeg

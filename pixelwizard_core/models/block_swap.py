@@ -19,7 +19,8 @@ and keep freed blocks cached for good. The registration is undone and the pages 
 when the last view of the buffer is gone (the model moved to the GPU, or dropped); while the model waits
 on the CPU between stages its blocks stay page-locked, so the next swap neither copies nor pins again.
 Where registration is refused (WSL), the caching allocator is the fallback, said once. Each device slot
-is one buffer of the same layout, so a block arrives in one copy.
+is one buffer as large as the largest block (blocks may differ: mixed GGUF quantizations), so a block
+arrives in one copy.
 
 Ordering on CUDA, all asynchronous to the host (no synchronisation per block):
 - the side stream waits on its slot's "free" event (recorded on the compute stream right after the block
@@ -305,13 +306,15 @@ class BlockSwap:
             raise ConfigError("these DiT blocks are already being streamed (block swap): a model can be used by "
                               "one block-swapped stage at a time; finish the other stage first")
         self._entries = [_entries(block) for block in swapped]
-        self.layout = self._check_one_layout()
-        self._hosts = [self._to_host(entries) for entries in self._entries]  # block by block: one extra copy
-        self._host_views = [self.layout.views(host) for host in self._hosts]
+        self._layouts = self._block_layouts()
+        # block by block: one extra copy at a time
+        self._hosts = [self._to_host(entries, layout) for entries, layout in zip(self._entries, self._layouts)]
+        self._host_views = [layout.views(host) for layout, host in zip(self._layouts, self._hosts)]
         self._pinned = [self._buffers.is_pinned(host) for host in self._hosts]
-        self._slots = [torch.empty(self.layout.nbytes, dtype=torch.uint8, device=self.device)
-                       for _ in range(min(SLOTS, self.count))]
-        self._slot_views = [self.layout.views(slot) for slot in self._slots]
+        # a slot takes the largest block (mixed GGUF K-quants store some blocks' Linears larger)
+        self._slots = [torch.empty(max(layout.nbytes for layout in self._layouts), dtype=torch.uint8,
+                                   device=self.device) for _ in range(min(SLOTS, self.count))]
+        self._slot_views: dict[tuple[int, BlockLayout], list[torch.Tensor]] = {}
         self._holds: list[int | None] = [None] * len(self._slots)  # which swapped block each slot holds
         self._start_streams()
         self._needs_grad = [any(e.get().requires_grad for e in entries if e.is_parameter) for entries in self._entries]
@@ -321,16 +324,16 @@ class BlockSwap:
         log.debug("block swap on: blocks %d..%d streamed to %s", self.first, len(self.blocks) - 1, self.device)
         return self
 
-    def _to_host(self, entries: list[_Entry]) -> torch.Tensor:
+    def _to_host(self, entries: list[_Entry], layout: BlockLayout) -> torch.Tensor:
         """The block's host buffer (its existing pinned one, or a new one filled from its tensors), with
         the block's tensors pointed at their views into it."""
         tensors = [entry.get().detach() for entry in entries]
-        buffer = _existing_buffer(tensors, self.layout, self._buffers)
+        buffer = _existing_buffer(tensors, layout, self._buffers)
         if buffer is None:
-            buffer = self._buffers.allocate(self.layout.nbytes)
-            for view, tensor in zip(self.layout.views(buffer), tensors):
+            buffer = self._buffers.allocate(layout.nbytes)
+            for view, tensor in zip(layout.views(buffer), tensors):
                 view.copy_(tensor)
-        for entry, view in zip(entries, self.layout.views(buffer)):
+        for entry, view in zip(entries, layout.views(buffer)):
             entry.point_at(view)
         return buffer
 
@@ -365,7 +368,8 @@ class BlockSwap:
             for entry, view in zip(entries, views):
                 entry.point_at(view if home is None else view.to(home))
         _streamed.difference_update(self.blocks[self.first:])
-        self._entries = self._hosts = self._host_views = self._slots = self._slot_views = self._holds = []
+        self._entries = self._layouts = self._hosts = self._host_views = self._slots = self._holds = []
+        self._slot_views = {}
         self._hooks = []
         self._stream = self._ready = self._free = None
         self.active = False
@@ -393,11 +397,12 @@ class BlockSwap:
         return sum(slot.numel() for slot in self._slots) if self.active else 0
 
     def host_bytes(self) -> dict[str, object]:
-        """Per swapped block: the tensors' bytes, the buffer's, the page-locked bytes it takes, and how
-        it is page-locked (see :func:`pinned_bytes`)."""
+        """Per swapped block (the largest, where blocks differ): the tensors' bytes, the buffer's, the
+        page-locked bytes it takes, and how it is page-locked (see :func:`pinned_bytes`)."""
         method = self._buffers.method if any(self._pinned) else "pageable"
-        return {"stored": self.layout.stored_bytes, "buffer": self.layout.nbytes,
-                "pinned": pinned_bytes(self.layout.nbytes, method), "method": method}
+        largest = max(self._layouts, key=lambda layout: layout.nbytes)
+        return {"stored": largest.stored_bytes, "buffer": largest.nbytes,
+                "pinned": pinned_bytes(largest.nbytes, method), "method": method}
 
     # --- the hooks -------------------------------------------------------------------------------
     def _prefetch_first(self, module: nn.Module, args: tuple) -> None:
@@ -410,7 +415,7 @@ class BlockSwap:
         slot = self._fill(position)
         if self._stream is not None:
             self._wait_ready(slot)
-        for entry, tensor in zip(self._entries[position], self._slot_views[slot]):
+        for entry, tensor in zip(self._entries[position], self._views_in_slot(slot, position)):
             entry.point_at(tensor)
         if position + 1 < self.count:
             self._fill(position + 1)  # overlaps with this block's compute
@@ -434,26 +439,26 @@ class BlockSwap:
         slot = position % len(self._slots)
         if self._holds[slot] == position:
             return slot
+        target = self._slots[slot][:self._layouts[position].nbytes]
         if self._stream is None:
-            self._slots[slot].copy_(self._hosts[position])
+            target.copy_(self._hosts[position])
         else:
             with self._streams.using(self._stream):
                 self._wait_free(slot)
-                self._slots[slot].copy_(self._hosts[position], non_blocking=self._pinned[position])
+                target.copy_(self._hosts[position], non_blocking=self._pinned[position])
                 self._ready[slot].record(self._stream)
         self._holds[slot] = position
         return slot
 
-    def _check_one_layout(self) -> BlockLayout:
-        """The slots are shared, so every swapped block must have the same tensors (true of Wan blocks,
-        fp8 storage included, as long as every block was converted alike); their one layout."""
-        def layout(entries: list[_Entry]) -> list[tuple]:
-            return [(e.name, tuple(e.get().shape), e.get().dtype) for e in entries]
+    def _views_in_slot(self, slot: int, position: int) -> list[torch.Tensor]:
+        """Block ``position``'s tensors as views into slot ``slot`` (made once per slot and layout)."""
+        key = (slot, self._layouts[position])
+        if key not in self._slot_views:
+            self._slot_views[key] = self._layouts[position].views(self._slots[slot])
+        return self._slot_views[key]
 
-        reference = layout(self._entries[0])
-        for position, entries in enumerate(self._entries[1:], start=1):
-            if layout(entries) != reference:
-                raise ConfigError(f"block {self.first + position} has other tensors (shapes/dtypes) than block "
-                                  f"{self.first}; block swap needs identical blocks (convert all of them to fp8 "
-                                  "or none)")
-        return BlockLayout.of([(shape, dtype) for _, shape, dtype in reference])
+    def _block_layouts(self) -> list[BlockLayout]:
+        """Each swapped block's layout. Wan blocks share one; a GGUF file may store some blocks' Linears in
+        another quantization (the _M/_S K-quant mixes), so each block gets its own and the slots fit the
+        largest."""
+        return [BlockLayout.of([(tuple(e.get().shape), e.get().dtype) for e in entries]) for entries in self._entries]

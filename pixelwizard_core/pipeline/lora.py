@@ -18,9 +18,10 @@ instead (:mod:`..models.lora`): their LoRA factors run beside them, registered u
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn as nn
 from ..errors import ConfigError, WeightFormatError
 from ..loading.lora import LoraRef, LoraTerm, as_refs, read_lora
 from ..models.lora import LowRankDelta, attach_delta, detach_delta
+from ..models.quantized import QuantizedWeight
 from .placement import module_of
 
 log = logging.getLogger("pixelwizard")
@@ -96,7 +98,7 @@ def remove_loras(model: object) -> None:
 
 def _apply(module: nn.Module, loras: tuple[LoraRef, ...], device: torch.device) -> None:
     params = dict(module.named_parameters())
-    updates = _updates(loras, params)
+    updates = _updates(loras, params, functools.partial(_logical_shape, module))
     state = _applied[module] = _Applied(loras)  # first, so a failure part way is undone
     try:
         with torch.no_grad():
@@ -113,12 +115,23 @@ def _apply(module: nn.Module, loras: tuple[LoraRef, ...], device: torch.device) 
              f", {runtime} as runtime deltas" if runtime else "")
 
 
-def _updates(loras: tuple[LoraRef, ...], params: dict[str, nn.Parameter]) -> dict[str, list[tuple[LoraTerm, float]]]:
-    """Parameter -> [(term, strength)] over every LoRA, each checked against the parameter's shape."""
+def _logical_shape(module: nn.Module, name: str) -> torch.Size:
+    """The shape a parameter has as a weight: a GGUF-quantized Linear stores its blocks as raw bytes (e.g.
+    [out, in / 32 * 34] for Q8_0) and knows the [out, in] it stands for."""
+    layer_name, _, kind = name.rpartition(".")
+    layer = module.get_submodule(layer_name)
+    if kind == "weight" and isinstance(layer, QuantizedWeight):
+        return torch.Size(layer.weight_shape)
+    return getattr(layer, kind).shape
+
+
+def _updates(loras: tuple[LoraRef, ...], params: dict[str, nn.Parameter],
+             shape_of: Callable[[str], torch.Size]) -> dict[str, list[tuple[LoraTerm, float]]]:
+    """Parameter -> [(term, strength)] over every LoRA, each checked against the weight's (logical) shape."""
     updates: dict[str, list[tuple[LoraTerm, float]]] = {}
     for lora in loras:
         for term in read_lora(lora.path, params):
-            shape = params[term.target].shape
+            shape = shape_of(term.target)
             if not term.fits(shape):
                 raise WeightFormatError(
                     f"{lora.name}: {term.target} is {list(shape)} in this model, but the LoRA gives "
@@ -153,7 +166,7 @@ def _attach(module: nn.Module, name: str, terms: list[tuple[LoraTerm, float]], s
                           "cannot be merged into it nor run beside it; load the model in bf16 to use this LoRA")
     weight = getattr(layer, kind)
     pairs = [(t, s) for t, s in terms if t.diff is None]
-    diffs = [t.delta(s, weight.device, weight.shape) for t, s in terms if t.diff is not None]
+    diffs = [t.delta(s, weight.device, _logical_shape(module, name)) for t, s in terms if t.diff is not None]
     down = torch.cat([t.down.flatten(1).float() for t, _ in pairs]) if pairs else None
     up = torch.cat([t.up.flatten(1).float() * (s * t.scale) for t, s in pairs], dim=1) if pairs else None
     diff = sum(diffs[1:], diffs[0]) if diffs else None

@@ -10,6 +10,7 @@ It also holds the one memory-mode vocabulary (:data:`MEMORY_MODES`) and doctor's
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -255,12 +256,26 @@ def vae_precision_of(dtype: torch.dtype) -> str:
     return "fp32" if torch.empty((), dtype=dtype).element_size() >= 4 else "bf16"
 
 
+# GPU memory our stages leave to others on every GPU (ComfyUI's --reserve-vram, set by the node pack): an
+# environment variable, so that the pool's worker processes honour it too
+RESERVE_ENV = "PIXELWIZARD_RESERVE_VRAM_BYTES"
+
+
+def reserved_bytes() -> int:
+    """The memory :func:`free_device_bytes` keeps back (``PIXELWIZARD_RESERVE_VRAM_BYTES``; 0 if unset or bad)."""
+    try:
+        return max(0, int(os.environ.get(RESERVE_ENV, "0")))
+    except ValueError:
+        return 0
+
+
 def free_device_bytes(device: torch.device | str) -> int | None:
     """Memory a stage on ``device`` may use now, or None where there is no budget (CPU, MPS, ...).
 
     On CUDA: the driver's free memory plus what PyTorch's caching allocator holds reserved but unused
-    (it is reused before the driver is asked), less the allowance for allocator slack and
-    fragmentation: ``(available - HEADROOM_BYTES) / (1 + HEADROOM_FRACTION)``, the inverse of "fits".
+    (it is reused before the driver is asked), less what is reserved for others (:func:`reserved_bytes`),
+    less the allowance for allocator slack and fragmentation: ``(available - HEADROOM_BYTES) /
+    (1 + HEADROOM_FRACTION)``, the inverse of "fits".
     """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -268,4 +283,5 @@ def free_device_bytes(device: torch.device | str) -> int | None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, _total = torch.cuda.mem_get_info(index)
     reusable = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
-    return max(0, int((free + reusable - HEADROOM_BYTES) / (1 + HEADROOM_FRACTION)))
+    available = free + reusable - reserved_bytes()
+    return max(0, int((available - HEADROOM_BYTES) / (1 + HEADROOM_FRACTION)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 
@@ -129,9 +131,11 @@ def check_stage(settings: StageSettings, *, hr: bool) -> None:
     low, high = HR_STEP_RANGE if hr else (1, 1000)
     if not low <= settings.steps <= high:
         raise ConfigError(f"{'HR' if hr else 'LR'} steps {settings.steps} outside {low}..{high}")
-    if settings.shift <= 0:
-        raise ConfigError(f"shift {settings.shift} must be positive (the reference uses 5.0 LR, 5.5 2K, 5.8 4K)")
-    if settings.cfg < 1:
+    # written so that NaN fails too (every comparison with NaN is False); infinity is no shift or scale either
+    if not 0 < settings.shift < math.inf:
+        raise ConfigError(f"shift {settings.shift} must be a positive number (the reference uses 5.0 LR, 5.5 2K, "
+                          "5.8 4K)")
+    if not 1 <= settings.cfg < math.inf:
         raise ConfigError(f"guidance scale {settings.cfg} must be at least 1 (1 disables the unconditional pass)")
 
 

@@ -24,6 +24,7 @@ from ..io.video import PngSequenceWriter, VideoWriter
 from ..system import peak_rss_bytes
 from .anchors import Anchor
 from .engine import DecodeSettings, LocalStages, StageControl, Stages
+from .first_frame import FirstFrame, encode_first_frame
 from .handles import ModelHandle
 from .loop import StepCallback
 from .models import Models
@@ -243,16 +244,27 @@ class PixelWizard:
         with self._stage("text"):
             return self.stages.encode_text(self.models.handle("text"), prompt, negative_prompt)
 
+    def first_frame(self, image: torch.Tensor, width: int, height: int) -> FirstFrame:
+        """A start image [H, W, 3] (0..1) VAE-encoded at ``width`` x ``height`` (TI2V): the main process's
+        encoding, shared, so every rank pins the same latent."""
+        frame = None
+        if self.is_main:
+            with self._stage("image"), self._open(self.models.handle("vae")) as vae:
+                frame = encode_first_frame(vae, image, width, height)
+        return self.share(frame)
+
     def anchor(self, text: TextConditioning, settings: StageSettings, seed: int,
-               on_step: StepCallback | None = None) -> Anchor:
+               on_step: StepCallback | None = None, first_frame: FirstFrame | None = None) -> Anchor:
         with self._stage("lr", on_step):
-            return self.stages.lr_anchor(self.models.handle("lr"), text, settings, seed, StageControl(on_step))
+            return self.stages.lr_anchor(self.models.handle("lr"), text, settings, seed, StageControl(on_step),
+                                         first_frame=first_frame)
 
     def upscale(self, anchor: Anchor, text: TextConditioning, settings: StageSettings, seed: int,
-                on_step: StepCallback | None = None) -> torch.Tensor:
+                on_step: StepCallback | None = None, first_frame: FirstFrame | None = None) -> torch.Tensor:
+        """``first_frame``: a start image encoded at the HR size, pinned as the HR latent's first frame."""
         with self._stage("hr", on_step):
             return self.stages.hr_latent(self.models.handle("hr"), anchor, text, settings, seed,
-                                         StageControl(on_step))
+                                         StageControl(on_step), first_frame=first_frame)
 
     def decode(self, latent: torch.Tensor, path: str | Path, settings: DecodeSettings, *,
                overwrite: bool = False, png_dir: str | Path | None = None,
