@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import cli_batch
 from . import cli_checks as checks
 from .cli_checks import decode_settings, hr_settings, lr_settings
 from . import setup_cli
@@ -31,7 +32,7 @@ from .models.attention import attention_choices
 from .pipeline.anchors import Anchor, load_hr_latent, save_hr_latent
 from .pipeline.demo import demo_models
 from .pipeline.engine import DecodeSettings
-from .pipeline.jobs import PromptJob, output_path, read_prompts
+from .pipeline.jobs import PromptJob, read_prompts
 from .pipeline.models import LOAD_MODES, ModelFiles, Models
 from .pipeline.presets import HR_CFG, HR_PRESETS, LR_DEFAULTS, StageSettings, prompt_seeds
 from .pipeline.runner import PixelWizard, StageStats
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image(generate, pin=True)
     generate.add_argument("--save_dir", help="also save HR latents (safetensors) here (default: not saved)")
     g = generate.add_argument_group("several processes (run under torchrun; see pixelwizard_core.distributed.launch)")
-    g.add_argument("--ulysses_size", type=int, default=1, help="sequence-parallel degree: 1 or the number of processes")
+    g.add_argument("--ulysses_size", type=int, default=1, help="ranks per group: N processes form N/U groups that "
+                   "take prompts in turn, each sequence-parallel over its U ranks")
     g.add_argument("--dit_fsdp", action="store_true", help="shard the DiTs over the processes (FSDP, a unit per block)")
     g.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder over the processes")
     setup_cli.add_model_source_options(generate, demo=True)
@@ -258,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     setup_cli.add_model_source_options(decode)
     for name, command in COMMANDS.items():
         sub.choices[name].set_defaults(run=command)
+        cli_batch.add_resume(sub.choices[name])
     for module in PLUGINS:
         importlib.import_module(module).add_subcommand(sub, HelpFormatter)
     return parser
@@ -318,13 +321,13 @@ def _sample(record: RunRecord, label: str, stage: str, size: StageSettings, run:
         return run(*args, on_step=bar, **options)
 
 
-def _decode_to(pw: PixelWizard, record: RunRecord, latent: torch.Tensor, args: argparse.Namespace, stem: str,
-               decode: DecodeSettings, label: str) -> Path:
-    path = output_path(args.video_dir, stem, ".mp4", overwrite=args.overwrite)
+def _decode_to(pw: PixelWizard, record: RunRecord, latent: torch.Tensor, args: argparse.Namespace, path: Path,
+               decode: DecodeSettings, label: str, metadata: dict) -> Path:
     png_dir = path.with_name(f"{path.stem}_frames") if args.png else None
     record.doing = f"the decode of {label} into {path}"
     with stage_bar(f"{label} decode", "tile-frame", per=latent.shape[2]) as bar:
-        video = pw.decode(latent, path, decode, overwrite=args.overwrite, png_dir=png_dir, on_step=bar)
+        video = pw.decode(latent, path, decode, overwrite=args.overwrite, png_dir=png_dir, on_step=bar,
+                          metadata=metadata)
     if pw.is_main:
         record.wrote(video)
     return video
@@ -358,6 +361,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     setup_cli.prepare_generate_settings(args)  # --demo's tiny settings, before they are checked
     jobs = read_prompts(args.prompt, args.prompt_file)
     checks.check_base_seed(args.base_seed, len(jobs))
+    cli_batch.check_resume(args)
     image, args.loras = checks.start_image(args), checks.lora_refs(args)
     lr = lr_settings(args)
     hr = hr_settings(args, lr.frames)
@@ -365,17 +369,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     checks.warn_anchor_geometry((lr.width, lr.height), hr, "--lr_size and --resolution")
     checks.warn_checkpoint_preset(args.hr_ckpt, hr)
     for folder in filter(None, (args.video_dir, args.save_dir)):
-        check_folder(Path(folder), make_dirs=True)
+        if cli_batch.writes_outputs(args):  # under torchrun only each group's first rank touches the folders
+            check_folder(Path(folder), make_dirs=True)
     setup_cli.prepare_generate(args)  # weights from the models folder (--download: fetched first)
     pw = make_pipeline(args, "text", "lr", "hr", "vae")
-    base = pw.share(_base_seed(args))  # every rank samples from the same seed
+    base = pw.agree(_base_seed(args))  # every rank samples from the same seed
     record: RunRecord = args.record
     lr_first = hr_first = None
     if image is not None:
         record.doing = "the encoding of --image"
         lr_first = pw.first_frame(image, lr.width, lr.height)
         hr_first = pw.first_frame(image, hr.width, hr.height) if args.pin_image_hr else None
-    for job in jobs:
+    batch = cli_batch.Batch(pw, args, args.video_dir, ".mp4",
+                            cli_batch.prompt_targets(pw, jobs, args, base, lr=lr, hr=hr, decode=decode))
+
+    def one(position: int, path: Path) -> Path:
+        job = jobs[position]
         label = item_label(job.index, len(jobs))
         pw.stats = StageStats()
         lr_seed, hr_seed = prompt_seeds(base, job.index)
@@ -383,19 +392,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
         text = pw.conditioning(job.prompt, job.negative_prompt or args.negative_prompt)
         anchor = _sample(record, label, "LR", lr, pw.anchor, text, lr, lr_seed, first_frame=lr_first)
         latent = _sample(record, label, "HR", hr, pw.upscale, anchor, text, hr, hr_seed, first_frame=hr_first)
-        if args.save_dir and pw.is_main:
-            path = output_path(args.save_dir, str(job.output_index), ".safetensors", overwrite=args.overwrite)
-            metadata = _latent_metadata(job, anchor, hr, hr_seed, pw.identity("hr"))
-            _save(record, "HR latent", "--save_dir", path,
-                  lambda: save_hr_latent(path, latent, metadata, overwrite=args.overwrite))
-        video = _decode_to(pw, record, latent, args, str(job.output_index), decode, label)
+        saved = batch.extra_output(position, args.save_dir, ".safetensors") if args.save_dir and pw.is_main else None
+        if saved is not None:
+            metadata = {**_latent_metadata(job, anchor, hr, hr_seed, pw.identity("hr")), **batch.metadata(position)}
+            _save(record, "HR latent", "--save_dir", saved,
+                  lambda: save_hr_latent(saved, latent, metadata, overwrite=args.overwrite))
+        video = _decode_to(pw, record, latent, args, path, decode, label, batch.metadata(position))
         log.info("%s %s -> %s (lr_seed %d, hr_seed %d)", label, pw.stats.summary(), video, lr_seed, hr_seed)
+        return video
+
+    batch.run(one)
 
 
 def cmd_anchor(args: argparse.Namespace) -> None:
     checks.check_paths(args)
     jobs = read_prompts(args.prompt, args.prompt_file)
     checks.check_base_seed(args.base_seed, len(jobs))
+    cli_batch.check_resume(args)
     image, args.loras = checks.start_image(args), checks.lora_refs(args)
     lr = lr_settings(args)
     check_folder(Path(args.anchor_dir), make_dirs=True)
@@ -404,16 +417,23 @@ def cmd_anchor(args: argparse.Namespace) -> None:
     pw = PixelWizard(make_models(args, *roles))
     base, record = _base_seed(args), args.record
     first = None if image is None else pw.first_frame(image, lr.width, lr.height)
-    for job in jobs:
+    batch = cli_batch.Batch(pw, args, args.anchor_dir, ".safetensors",
+                            cli_batch.prompt_targets(pw, jobs, args, base, lr=lr))
+
+    def one(position: int, path: Path) -> Path:
+        job = jobs[position]
         label = item_label(job.index, len(jobs))
         pw.stats = StageStats()
         lr_seed, _ = prompt_seeds(base, job.index)
         record.doing = f"the text encoding of {label}"
         text = pw.conditioning(job.prompt, job.negative_prompt or args.negative_prompt)
         anchor = _sample(record, label, "LR", lr, pw.anchor, text, lr, lr_seed, first_frame=first)
-        path = output_path(args.anchor_dir, str(job.output_index), ".safetensors", overwrite=args.overwrite)
-        _save(record, "anchor", "--anchor_dir", path, lambda: anchor.save(path, overwrite=args.overwrite))
+        _save(record, "anchor", "--anchor_dir", path,
+              lambda: anchor.save(path, overwrite=args.overwrite, extra=batch.metadata(position)))
         log.info("%s %s -> %s (seed %d)", label, pw.stats.summary(), path, lr_seed)
+        return path
+
+    batch.run(one)
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
@@ -436,21 +456,34 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     setup_cli.resolve_weights(args, roles, settings[0].width, settings[0].height)
     pw = PixelWizard(make_models(args, *roles))
     record: RunRecord = args.record
-    for position, ((path, anchor), hr) in enumerate(zip(anchors, settings), start=1):
+    seeds = [args.hr_seed if args.hr_seed is not None else anchor.seed + HR_SEED_OFFSET for _, anchor in anchors]
+    negatives = [args.negative_prompt if args.negative_prompt is not None else a.negative_prompt for _, a in anchors]
+    folder, suffix = (args.save_dir, ".safetensors") if args.latent_only else (args.video_dir, ".mp4")
+    batch = cli_batch.Batch(pw, args, folder, suffix, [cli_batch.file_target(
+        "upscale", pw, roles, path, anchor.prompt, anchor=anchor.metadata(), hr=hr, hr_seed=seed,
+        negative_prompt=negative, decode=None if args.latent_only else decode)
+        for (path, anchor), hr, seed, negative in zip(anchors, settings, seeds, negatives)])
+
+    def one(index: int, output: Path) -> Path:
+        (path, anchor), hr, position = anchors[index], settings[index], index + 1
         label = item_label(position, len(anchors))
         pw.stats = StageStats()
-        hr_seed = args.hr_seed if args.hr_seed is not None else anchor.seed + HR_SEED_OFFSET
-        negative = args.negative_prompt if args.negative_prompt is not None else anchor.negative_prompt
+        hr_seed, negative = seeds[index], negatives[index]
         record.doing = f"the text encoding of {label}"
         text = pw.conditioning(anchor.prompt, negative)
         latent = _sample(record, label, "HR", hr, pw.upscale, anchor, text, hr, hr_seed)
-        target = output_path(args.save_dir, path.stem, ".safetensors", overwrite=args.overwrite)
-        metadata = _latent_metadata(PromptJob(1, anchor.prompt), anchor, hr, hr_seed, pw.identity("hr"))
-        saved = _save(record, "HR latent", "--save_dir", target,
-                      lambda: save_hr_latent(target, latent, metadata, overwrite=args.overwrite))
+        target = output if args.latent_only else batch.extra_output(index, args.save_dir, ".safetensors")
+        metadata = {**_latent_metadata(PromptJob(1, anchor.prompt), anchor, hr, hr_seed, pw.identity("hr")),
+                    **batch.metadata(index)}
+        if target is not None:  # None: --resume found it made already
+            saved = _save(record, "HR latent", "--save_dir", target,
+                          lambda: save_hr_latent(target, latent, metadata, overwrite=args.overwrite))
         if not args.latent_only:
-            saved = _decode_to(pw, record, latent, args, path.stem, decode, label)
+            saved = _decode_to(pw, record, latent, args, output, decode, label, batch.metadata(index))
         log.info("%s %s: %s -> %s (hr_seed %d)", label, path.name, pw.stats.summary(), saved, hr_seed)
+        return saved
+
+    batch.run(one)
 
 
 def cmd_decode(args: argparse.Namespace) -> None:
@@ -461,11 +494,19 @@ def cmd_decode(args: argparse.Namespace) -> None:
     check_folder(Path(args.video_dir), make_dirs=True)
     setup_cli.resolve_weights(args, ("vae",))
     pw = PixelWizard(make_models(args, "vae"))
-    for position, (path, (latent, _)) in enumerate(latents, start=1):
-        label = item_label(position, len(latents))
+    batch = cli_batch.Batch(pw, args, args.video_dir, ".mp4", [cli_batch.file_target(
+        "decode", pw, ("vae",), path, str(metadata.get("prompt", "")), latent=metadata, decode=decode)
+        for path, (_, metadata) in latents])
+
+    def one(index: int, output: Path) -> Path:
+        path, (latent, _) = latents[index]
+        label = item_label(index + 1, len(latents))
         pw.stats = StageStats()
-        video = _decode_to(pw, args.record, latent, args, path.stem, decode, label)
+        video = _decode_to(pw, args.record, latent, args, output, decode, label, batch.metadata(index))
         log.info("%s %s: %s -> %s", label, path.name, pw.stats.summary(), video)
+        return video
+
+    batch.run(one)
 
 
 def _latent_metadata(job: PromptJob, anchor: Anchor, hr: StageSettings, hr_seed: int, hr_model: str) -> dict:

@@ -2,10 +2,12 @@
 
 Every writer of the library (videos, latents and anchors in ``io``, converted weights in ``loading``) goes
 through these two functions, so an interrupted or failed write never leaves a file under its final name.
+Log-like files that grow by a line (a batch's manifest) use :func:`append_line`: each line whole or absent.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -42,3 +44,19 @@ def publish(temporary: Path, target: Path, overwrite: bool, *, during: str = "wh
         os.replace(temporary, target)
         return
     temporary.unlink()
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log-like file (a manifest) as a single write on an O_APPEND descriptor, then fsync:
+    on a local file system lines from several processes never interleave, and a line is on disk once this
+    returns. ``line`` must not contain a newline; one is added."""
+    if "\n" in line:
+        raise ValueError("append_line takes one line without newlines")
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        data = (line + "\n").encode("utf-8")
+        if os.write(descriptor, data) != len(data):  # a short write on a regular file: the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -149,7 +150,9 @@ def test_a_full_disk_while_saving_an_anchor_is_a_message(weights, tmp_path, capl
     message = _errors(caplog)[0]
     assert f"could not save the anchor to {tmp_path / '0.safetensors'}: No space left on device" in message
     assert "choose another --anchor_dir" in message
-    assert not list(tmp_path.iterdir())  # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.jsonl"]  # no temporary file left
+    entry = json.loads((tmp_path / "manifest.jsonl").read_text())
+    assert (entry["status"], entry["file"], entry["error"]) == ("failed", None, message.removeprefix("error: "))
 
 
 def test_a_full_disk_while_saving_a_latent_is_a_message(tmp_path, caplog, monkeypatch):

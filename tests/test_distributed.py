@@ -204,7 +204,7 @@ def test_torchrun_generate_with_ulysses_and_fsdp_equals_one_process(files, tmp_p
     outputs = [process.communicate(timeout=240)[0] for process in ranks]
     for process, output in zip(ranks, outputs):
         assert process.returncode == 0, output[-3000:]
-    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["0.mp4", "0.safetensors"]  # rank 0 only
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["0.mp4", "0.safetensors", "manifest.jsonl"]
 
     from pixelwizard_core.cli import main
     from pixelwizard_core.io.video import read_video

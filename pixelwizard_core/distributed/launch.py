@@ -8,6 +8,11 @@ with ``--t5_fsdp``) and shares it, all ranks sample together, each decodes its t
 rank 0, which blends them and alone writes files. Works on one machine or several (torchrun's
 ``--nnodes`` / ``--rdzv_endpoint``); the GPU of a rank is its LOCAL_RANK.
 
+Groups (:mod:`.groups`): N processes with ``--ulysses_size U`` form N / U groups of U ranks; each group
+takes the next prompt from a counter shared through torchrun's store, and "rank 0" above is the group's
+first rank, its leader, the only process of the group that touches the output folder. One group (U = N)
+is the run described above.
+
 The decode follows ``--decode_order`` as the single-process decode does. ``frame`` (the default) streams:
 each rank decodes its tiles in lockstep, latent frame by latent frame (all of its tiles' causal caches on
 its GPU), sends that frame's weighted pieces to rank 0, and rank 0 blends the chunk (1 output frame, then
@@ -47,6 +52,7 @@ from ..pipeline.runner import PixelWizard
 from ..pipeline.text import TextConditioning
 from ..pipeline.tile_plan import ORDERS
 from ..pipeline.tiled_decode import BlendPlan
+from .groups import SharedQueue, check_groups, describe, form_groups
 from .session import ParallelConfig, Session, check_model_degree, init_process_group
 from .tiles import blend_tiles, plan_for_latent
 
@@ -74,7 +80,7 @@ def from_env(models: Models, *, ulysses: int = 1, dit_fsdp: bool = False, t5_fsd
     if world == 1 and ulysses > 1:
         raise ConfigError(f"--ulysses_size {ulysses} splits the work over {ulysses} processes: launch with "
                           f"torchrun --nproc_per_node {ulysses} -m pixelwizard_core generate ...")
-    config.check(world)
+    groups = check_groups(world, ulysses, dit_fsdp or t5_fsdp)
     if dit_fsdp and models.compile_blocks:
         raise ConfigError("--compile with --dit_fsdp: the sharded DiTs run eagerly (their blocks gather their "
                           "weights from every GPU as they run); use one or the other")
@@ -94,9 +100,14 @@ def from_env(models: Models, *, ulysses: int = 1, dit_fsdp: bool = False, t5_fsd
         init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                            device=device)
         atexit.register(_destroy)
-    if rank != 0:  # one rank speaks for all
+    if rank % ulysses:  # one rank per group speaks for it
         log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
-    return PixelWizard(models, TorchrunStages(Session(config, device=device, t5_cpu=models.t5_cpu)))
+    if groups == 1:  # one group: the whole world, as before groups existed
+        return PixelWizard(models, TorchrunStages(Session(config, device=device, t5_cpu=models.t5_cpu)))
+    group = form_groups(ulysses)
+    log.info("%d processes in %d groups of %d: this is %s", world, groups, ulysses, describe(group))
+    session = Session(config, device=device, t5_cpu=models.t5_cpu, group=group)
+    return PixelWizard(models, TorchrunStages(session), queue=SharedQueue(group))
 
 
 class TorchrunStages:

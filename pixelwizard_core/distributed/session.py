@@ -6,6 +6,8 @@ the same code. Every rank calls every job; ranks that have nothing to do for a j
 
 - Sequence parallel (``ulysses`` > 1, equal to the world size): the DiT forwards split their tokens over
   all ranks (``UlyssesGroup``); every rank ends each step with the whole latent.
+- With a ``group`` (``torchrun`` with several groups of ranks, :mod:`.groups`) "all ranks" and "rank 0"
+  mean the group's: its Ulysses all-to-all, FSDP mesh and CPU collectives use the group's process groups.
 - FSDP (``dit_fsdp`` / ``t5_fsdp``): the DiTs / the text encoder are sharded over all ranks, one unit per
   block (:mod:`.fsdp`); every rank then runs every forward of that model.
 - Without ``t5_fsdp`` only rank 0 loads and runs the text encoder.
@@ -52,6 +54,7 @@ from ..pipeline.engine import DecodeSettings
 from ..pipeline.stages import hr_latent, lr_anchor
 from ..pipeline.text import TextConditioning, TextEncoder
 from ..pipeline.tiled_decode import BlendPlan
+from .groups import RankGroup
 from .tiles import decode_tiles, decode_tiles_stream, needs_budget, plan_for_latent, resolve_settings, tiles_of_rank
 from .ulysses import UlyssesGroup
 
@@ -116,32 +119,42 @@ class Session:
     default process group when the world has more than one rank."""
 
     def __init__(self, config: ParallelConfig = ParallelConfig(), *, device: torch.device | str = "cpu",
-                 t5_cpu: bool = False) -> None:
+                 t5_cpu: bool = False, group: RankGroup | None = None) -> None:
         distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if distributed else 0
-        self.world_size = dist.get_world_size() if distributed else 1
+        # rank and world size are the group's: every job below runs inside it (None: the whole world)
+        self.group = group
+        self.rank = group.rank if group else dist.get_rank() if distributed else 0
+        self.world_size = len(group.ranks) if group else dist.get_world_size() if distributed else 1
+        self.ranks = group.ranks if group else list(range(self.world_size))  # global rank of each group rank
         config.check(self.world_size)
         if config.t5_fsdp and t5_cpu:
             raise ConfigError("t5_fsdp shards the text encoder over the GPUs; it cannot also run on the CPU (t5_cpu)")
         self.config = config
         self.device = torch.device(device)
         self.t5_cpu = t5_cpu
-        self.sp = UlyssesGroup() if config.ulysses > 1 else None
-        self.mesh = None
-        if self.world_size > 1 and (config.dit_fsdp or config.t5_fsdp):
-            from torch.distributed.device_mesh import init_device_mesh
-
-            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.sp = UlyssesGroup(group.group if group else None) if config.ulysses > 1 else None
+        self.mesh = self._mesh() if self.world_size > 1 and (config.dit_fsdp or config.t5_fsdp) else None
         # CPU collectives (interrupt agreement, tile gathering) need gloo whatever the main backend is
         self.cpu_group = None
-        if self.world_size > 1:
+        if group is not None:
+            self.cpu_group = group.cpu_group
+        elif self.world_size > 1:
             self.cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.should_stop: Callable[[], bool] = lambda: False
         self.progress: Progress | None = None
         self.store = ModelStore(one_per_role=True)  # a worker holds one model per role
 
+    def _mesh(self):
+        """FSDP's mesh: over the group's ranks, or (no group) over the world."""
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+        if self.group is not None:
+            return DeviceMesh.from_group(self.group.group, self.device.type)
+        return init_device_mesh(self.device.type, (self.world_size,))
+
     @property
     def is_main(self) -> bool:
+        """Rank 0 of the group (of the world without groups): the rank that writes the outputs."""
         return self.rank == 0
 
     def _sharded(self, role: str) -> bool:
@@ -333,7 +346,7 @@ class Session:
         if self.world_size == 1:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=src, group=self.cpu_group)
+        dist.broadcast_object_list(box, src=self.ranks[src], group=self.cpu_group)
         return box[0]
 
     def gather_tiles(self, pieces: dict[int, torch.Tensor], plan: BlendPlan, latent: torch.Tensor
@@ -349,7 +362,7 @@ class Session:
             return pieces
         if not self.is_main:
             for index in sorted(pieces):
-                dist.send(pieces[index].contiguous(), dst=0, group=self.cpu_group)
+                dist.send(pieces[index].contiguous(), dst=self.ranks[0], group=self.cpu_group)
             return {}
         gathered = dict(pieces)
         for index, tile in enumerate(plan.tiles):
@@ -358,7 +371,7 @@ class Session:
                 continue
             rows, cols = tile.pixels()
             buffer = torch.empty(batch, 3, frames, rows.stop - rows.start, cols.stop - cols.start)
-            dist.recv(buffer, src=owner, group=self.cpu_group)
+            dist.recv(buffer, src=self.ranks[owner], group=self.cpu_group)
             gathered[index] = buffer
         return gathered
 

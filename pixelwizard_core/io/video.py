@@ -15,15 +15,17 @@ ffmpeg is the binary shipped inside the ``imageio-ffmpeg`` wheel; we run it ours
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import struct
 import subprocess
 import tempfile
 import zlib
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Iterable
+from typing import IO, Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -120,11 +122,13 @@ class VideoWriter:
     Only one chunk is ever held; ffmpeg reads raw rgb24 from a pipe. ``crf`` is libx264's constant rate
     factor, 0 (lossless in YUV, a High 4:4:4 profile some players cannot decode) to 51 (worst); the default
     10 matches the reference's imageio ``quality=8``; 18 is usually visually lossless and much smaller.
-    ``size`` = (width, height), when known, is checked at once instead of at the first frame.
+    ``size`` = (width, height), when known, is checked at once instead of at the first frame. ``metadata``
+    (JSON-able) is stored as JSON in the mp4's ``comment`` tag; :func:`read_video_metadata` reads it back.
     """
 
     def __init__(self, path: str | os.PathLike, *, fps: float = DEFAULT_FPS, crf: int = DEFAULT_CRF,
-                 preset: str = "medium", overwrite: bool = False, size: tuple[int, int] | None = None) -> None:
+                 preset: str = "medium", overwrite: bool = False, size: tuple[int, int] | None = None,
+                 metadata: Mapping[str, Any] | None = None) -> None:
         self.path = check_writable(path, overwrite=overwrite)
         if self.path.suffix.lower() not in VIDEO_SUFFIXES:
             raise ConfigError(f"video file name must end in .mp4, got {self.path.name!r}")
@@ -138,6 +142,7 @@ class VideoWriter:
             check_video_size(*size)
         self.fps, self.crf, self.preset, self.overwrite = fps, crf, preset, overwrite
         self.size = size
+        self.comment = _metadata_json(metadata) if metadata else None
         self.frames_written = 0
         self._temporary = temporary_name(self.path)
         self._process: subprocess.Popen | None = None
@@ -236,6 +241,7 @@ class VideoWriter:
                 "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", _rate(self.fps), "-i", "-",
                 "-an", "-vf", colour, "-c:v", "libx264", "-preset", self.preset, "-crf", str(self.crf),
                 "-pix_fmt", "yuv420p", "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709",
+                *(("-metadata", f"comment={self.comment}") if self.comment else ()),
                 "-movflags", "+faststart", "-f", "mp4", str(self._temporary)]
 
     def _start(self) -> None:
@@ -265,6 +271,29 @@ class VideoWriter:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+
+
+def _metadata_json(metadata: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(dict(metadata), ensure_ascii=False, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"video metadata cannot be stored as JSON ({e}); use str, int, float, bool, None, lists "
+                          "and dicts") from e
+
+
+def read_video_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata a :class:`VideoWriter` stored in ``path`` ({} when there is none or it is not JSON)."""
+    result = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-i", str(path),
+                             "-f", "ffmetadata", "-"], capture_output=True, timeout=60)
+    for line in result.stdout.decode(errors="replace").splitlines():
+        if line.startswith("comment="):
+            text = re.sub(r"\\(.)", r"\1", line[len("comment="):])  # ffmetadata escapes = ; # \ with a backslash
+            try:
+                value = json.loads(text)
+            except ValueError:
+                return {}
+            return value if isinstance(value, dict) else {}
+    return {}
 
 
 def _rate(fps: float) -> str:

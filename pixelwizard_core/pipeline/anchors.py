@@ -57,9 +57,11 @@ class Anchor:
     def metadata(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latent"}
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        return save_tensor_file(path, {"latent": self.latent.float().cpu().contiguous()}, self.metadata(),
-                                kind=ANCHOR_KIND, overwrite=overwrite, make_dirs=True)
+    def save(self, path: str | Path, *, overwrite: bool = False, extra: dict | None = None) -> Path:
+        """The anchor file; ``extra`` metadata is stored too (e.g. the command line's run settings)."""
+        return save_tensor_file(path, {"latent": self.latent.float().cpu().contiguous()},
+                                {**(extra or {}), **self.metadata()}, kind=ANCHOR_KIND, overwrite=overwrite,
+                                make_dirs=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Anchor":

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping, Protocol
 
 import torch
 
@@ -123,6 +124,41 @@ def _peak_rss_since_reset() -> int:
     return 0
 
 
+class PromptQueue(Protocol):
+    """Where a run's items come from: in order in one process, from a counter shared by the groups of a
+    torchrun job (``distributed/groups.py::SharedQueue``)."""
+
+    group: int  # this process's group (0 in one process)
+
+    def take(self) -> int:
+        """The next item's 0-based index (called by the main process of each group)."""
+
+    def agree(self, value: object) -> object:
+        """``value`` as the run's first process has it (collective)."""
+
+    def finish(self, ok: bool) -> None:
+        """The run's items are done here (``ok``) or this process failed; wait for the others if any."""
+
+
+class InOrder:
+    """One group: the items one after the other."""
+
+    group = 0
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    def take(self) -> int:
+        self.taken += 1
+        return self.taken - 1
+
+    def agree(self, value: object) -> object:
+        return value
+
+    def finish(self, ok: bool) -> None:
+        pass
+
+
 class PixelWizard:
     """The two-stage pipeline over the models of one run, through ``stages`` (default: this process).
 
@@ -130,9 +166,10 @@ class PixelWizard:
     and the computing starts (this process's stages; others report their first step only), so a progress
     bar never counts a model load."""
 
-    def __init__(self, models: Models, stages: Stages | None = None) -> None:
+    def __init__(self, models: Models, stages: Stages | None = None, queue: PromptQueue | None = None) -> None:
         self.models = models
         self.stages = stages if stages is not None else LocalStages(self._open)
+        self.queue = queue if queue is not None else InOrder()
         self.stats = StageStats()
         self._progress: object = None  # the running stage's on_step
 
@@ -144,6 +181,33 @@ class PixelWizard:
     def share(self, value: object) -> object:
         """``value`` as the main process has it."""
         return self.stages.share(value)
+
+    def agree(self, value: object) -> object:
+        """``value`` as the first process of the whole run has it (every group of a torchrun job)."""
+        return self.share(self.queue.agree(value))
+
+    def take(self, count: int, choose: Callable[[int], object]) -> tuple[int, object] | None:
+        """The next of ``count`` items for this process (its group): the main process takes indices from the
+        queue until ``choose(index)`` gives something other than None (None: skip it), and shares the index
+        with what was chosen; None once the queue is past the last item. A refusal while choosing is raised
+        in every process of the group."""
+        picked, problem = None, None
+        if self.is_main:
+            try:
+                picked = self._pick(count, choose)
+            except (PixelWizardError, OSError) as error:
+                problem = error
+        picked, problem = self.share((picked, problem))
+        if problem is not None:
+            raise problem
+        return picked
+
+    def _pick(self, count: int, choose: Callable[[int], object]) -> tuple[int, object] | None:
+        while (index := self.queue.take()) < count:
+            chosen = choose(index)
+            if chosen is not None:
+                return index, chosen
+        return None
 
     @contextlib.contextmanager
     def _stage(self, name: str, on_step: object = None) -> Iterator[None]:
@@ -204,11 +268,12 @@ class PixelWizard:
 
     def decode(self, latent: torch.Tensor, path: str | Path, settings: DecodeSettings, *,
                overwrite: bool = False, png_dir: str | Path | None = None,
-               on_step: Callable[[int, int], None] | None = None) -> Path:
-        """Tiled decode streamed chunk by chunk into an mp4 (written atomically) and PNG frames on request;
-        the outputs are checked before any decoding, and an error drops the unfinished mp4."""
+               on_step: Callable[[int, int], None] | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
+        """Tiled decode streamed chunk by chunk into an mp4 (written atomically, ``metadata`` in its comment tag)
+        and PNG frames on request; the outputs are checked before any decoding, and an error drops the
+        unfinished mp4."""
         with self._stage("decode", on_step):
-            writers = self._open_writers(path, settings, overwrite, png_dir)
+            writers = self._open_writers(path, settings, overwrite, png_dir, metadata)
             chunks = self.stages.decode_stream(self.models.handle("vae"), latent, settings, StageControl(on_step))
             if writers is None:  # not the main process: decode and send, write nothing
                 with contextlib.closing(chunks):
@@ -224,14 +289,14 @@ class PixelWizard:
                     del chunk
             return Path(video.path)
 
-    def _open_writers(self, path: str | Path, settings: DecodeSettings, overwrite: bool,
-                      png_dir: str | Path | None) -> tuple[VideoWriter, PngSequenceWriter | None] | None:
+    def _open_writers(self, path: str | Path, settings: DecodeSettings, overwrite: bool, png_dir: str | Path | None,
+                      metadata: Mapping[str, Any] | None) -> tuple[VideoWriter, PngSequenceWriter | None] | None:
         """The main process's writers, opened (outputs checked) before any decoding; a refusal is raised
         in every process, so none starts a decode the main one would never receive. None elsewhere."""
         writers, problem = None, None
         if self.is_main:
             try:
-                video = VideoWriter(path, fps=settings.fps, crf=settings.crf, overwrite=overwrite)
+                video = VideoWriter(path, fps=settings.fps, crf=settings.crf, overwrite=overwrite, metadata=metadata)
                 pngs = PngSequenceWriter(png_dir, overwrite=overwrite) if png_dir is not None else None
                 writers = (video, pngs)
             except (PixelWizardError, OSError) as error:
