@@ -405,6 +405,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_anchor(args: argparse.Namespace) -> None:
+    checks.single_process("anchor")
     checks.check_paths(args)
     jobs = read_prompts(args.prompt, args.prompt_file)
     checks.check_base_seed(args.base_seed, len(jobs))
@@ -437,6 +438,7 @@ def cmd_anchor(args: argparse.Namespace) -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
+    checks.single_process("upscale")
     checks.check_paths(args)
     anchors = [(Path(p), Anchor.load(p)) for p in args.anchors]
     if args.hr_seed is not None:
@@ -487,6 +489,7 @@ def cmd_upscale(args: argparse.Namespace) -> None:
 
 
 def cmd_decode(args: argparse.Namespace) -> None:
+    checks.single_process("decode")
     checks.check_paths(args)
     latents = [(Path(p), load_hr_latent(p)) for p in args.latents]
     # the same settings for every latent, each checked against its size

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def check_paths(args: argparse.Namespace) -> None:
         for value in getattr(args, name, None) or ():
             if not str(value).strip():
                 raise ConfigError(f"an empty file name was given among the {name}: remove it or name a file")
+
+
+def single_process(command: str) -> None:
+    """``anchor``, ``upscale`` and ``decode`` run in one process: under torchrun every rank would run the whole
+    command and write the same files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{command} runs in one process: under torchrun every rank would write the same files; run "
+                          "it without torchrun (generate is the command that splits its work over processes)")
 
 
 def finite(flag: str, value: float) -> float:

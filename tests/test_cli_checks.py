@@ -84,6 +84,16 @@ def test_cuda_without_cuda_is_a_message(weights, tmp_path, caplog, no_loading, m
     assert "sees no CUDA/ROCm GPU; use --device auto or cpu" in _errors(caplog)[0]
 
 
+def test_stage_commands_under_torchrun_are_refused(tmp_path, caplog, no_loading, monkeypatch, anchor_file):
+    """Every rank would run the whole command and write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["anchor", "--prompt", "x", "--anchor_dir", str(tmp_path)], ["upscale", str(anchor_file)],
+                 ["decode", str(anchor_file)]):
+        caplog.clear()
+        assert main(argv) == 2
+        assert f"{argv[0]} runs in one process: under torchrun" in _errors(caplog)[0]
+
+
 @pytest.fixture
 def anchor_file(tmp_path):
     anchor = Anchor(torch.zeros(1, 48, 2, 4, 8), "a boat", "", seed=7, width=128, height=64, frames=5, steps=3,
