@@ -158,19 +158,23 @@ def _lora_for_the_tiny_dit(folder) -> str:
     return "style.safetensors"
 
 
-@pytest.mark.slow  # three tiny runs
+@pytest.mark.slow  # five tiny stage runs
 def test_lora_flags_from_the_models_folder_change_the_run_and_strength_zero_does_not(weights, tmp_path):
     name = _lora_for_the_tiny_dit(tmp_path / "models" / "loras")
-    base = ["generate", *official_args(weights), *FAST, "--prompt", "a fox", "--models", str(tmp_path / "models"),
-            "--video_dir", str(tmp_path / "v")]
+    folder = ["--ckpt_dir", str(weights["official"]), "--models", str(tmp_path / "models"), *DEVICE]
+    anchors = {}
+    for label, extra in {"none": [], "zero": ["--lora", f"{name}:0"], "half": ["--lora", f"{name}:0.5"]}.items():
+        assert main(["anchor", *folder, "--lr_ckpt", str(weights["pw"]["lr"]), *LR, "--prompt", "a fox", *extra,
+                     "--anchor_dir", str(tmp_path / label)]) == 0
+        anchors[label] = Anchor.load(tmp_path / label / "0.safetensors").latent
+    assert torch.equal(anchors["zero"], anchors["none"])  # strength 0: the base model, bit for bit
+    assert not torch.allclose(anchors["half"], anchors["none"])  # the LR DiT changed, so did its anchor
     latents = {}
-    for label, extra in {"none": [], "zero": ["--lora", f"{name}:0"], "half": ["--lora", f"{name}:0.5"],
-                         "hr": ["--hr_lora", f"{name}:0.5"]}.items():
-        assert main([*base, *extra, "--save_dir", str(tmp_path / label)]) == 0
+    for label, extra in {"plain": [], "hr": ["--hr_lora", f"{name}:0.5"]}.items():
+        assert main(["upscale", *folder, "--hr_ckpt", str(weights["pw"]["hr"]), *HR, *extra, "--latent_only",
+                     str(tmp_path / "none" / "0.safetensors"), "--save_dir", str(tmp_path / label)]) == 0
         latents[label] = load_hr_latent(tmp_path / label / "0.safetensors")[0]
-    assert torch.equal(latents["zero"], latents["none"])  # strength 0: the base model, bit for bit
-    assert not torch.allclose(latents["half"], latents["none"])  # the LR DiT changed, so did its anchor
-    assert not torch.allclose(latents["hr"], latents["none"])  # the HR model's own LoRA
+    assert not torch.allclose(latents["hr"], latents["plain"])  # the HR model's own LoRA
 
 
 def _two_colour_png(path, width: int = 96, height: int = 48) -> np.ndarray:
