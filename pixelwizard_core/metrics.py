@@ -121,7 +121,7 @@ def _with_frame_axis(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
 def lpips_model(device: str | torch.device = "cpu", net: str = "alex"):
     """The LPIPS network, only from local files; MetricUnavailable when ``lpips`` or its weights are absent."""
     try:
-        import lpips  # noqa: F401
+        import lpips
     except ImportError:
         raise MetricUnavailable("mHD-LPIPS needs the 'lpips' package: pip install lpips (mHD-MSE works without it)") from None
     weights = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
@@ -130,8 +130,6 @@ def lpips_model(device: str | torch.device = "cpu", net: str = "alex"):
             f"mHD-LPIPS needs torchvision's AlexNet weights at {weights} and PixelWizard does not download them. "
             f"Fetch {ALEXNET_WEIGHTS} from the torchvision model zoo into that folder (or set TORCH_HOME), then "
             "run again.")
-    import lpips
-
     return lpips.LPIPS(net=net, verbose=False).to(device).eval()
 
 
