@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_models(args: argparse.Namespace, *roles: str) -> Models:
     if getattr(args, "demo", False):
-        return demo_models(args.device, DTYPES[args.dtype], args.attention)
+        return demo_models(args.device, DTYPES[args.dtype], args.attention, kind=args.demo)
     files = model_files(args, roles)
     files.require(*roles)
     files.check_kinds(*roles)
@@ -522,7 +522,7 @@ def _latent_metadata(job: PromptJob, anchor: Anchor, hr: StageSettings, hr_seed:
 COMMANDS = {"generate": cmd_generate, "anchor": cmd_anchor, "upscale": cmd_upscale, "decode": cmd_decode}
 # Modules that add subcommands of their own: each has add_subcommand(subparsers, formatter) registering a
 # parser with set_defaults(run=function taking the parsed args).
-PLUGINS: tuple[str, ...] = ("pixelwizard_core.setup_cli", "pixelwizard_core.training.cli")
+PLUGINS: tuple[str, ...] = ("pixelwizard_core.setup_cli", "pixelwizard_core.training.cli", "pixelwizard_core.toy.cli")
 
 # OSErrors that are about the user's files and disks, not a bug: a message, not a traceback
 USER_OS_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "ENOENT", "EISDIR",

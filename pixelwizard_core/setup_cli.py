@@ -149,9 +149,13 @@ def add_model_source_options(p: argparse.ArgumentParser, *, demo: bool = False) 
     g.add_argument("--download", action="store_true",
                    help="fetch the model files this run needs that are missing from the models folder, then run")
     if demo:
-        g.add_argument("--demo", action="store_true",
-                       help="tiny random models built in memory, no files: proves the install end to end in seconds "
-                            "(the video is noise)")
+        from .pipeline.demo import DEMO_KINDS
+
+        g.add_argument("--demo", nargs="?", const=DEMO_KINDS[0], default=False, choices=DEMO_KINDS,
+                       help="no model files needed: 'toy' (the default) runs the tiny PixelWizard of the toy world "
+                            "from pixelwizard_core/toy/weights when `train-toy` has written it there (else random "
+                            "weights); 'random' builds tiny random models in memory, a pure install check (the video "
+                            "is noise)")
 
 
 def prepare_generate_settings(args: argparse.Namespace) -> None:

@@ -170,7 +170,7 @@ def test_generate_demo_writes_a_noise_video_without_files(tmp_path, monkeypatch)
 
     monkeypatch.setenv("PIXELWIZARD_MODELS", str(tmp_path / "no_models_here"))
     start = time.perf_counter()
-    assert main(["generate", "--demo", "--device", "cpu", "--video_dir", str(tmp_path)]) == 0
+    assert main(["generate", "--demo", "random", "--device", "cpu", "--video_dir", str(tmp_path)]) == 0
     seconds = time.perf_counter() - start
     video = read_video(tmp_path / "0.mp4")
     assert tuple(video.shape) == (9, 192, 256, 3)

@@ -11,6 +11,8 @@ import torch
 
 from pixelwizard_core.toy import broken
 from pixelwizard_core.toy.evaluate import (
+    ANCHOR_TOLERANCE_PX,
+    SEAM_TOLERANCE,
     TEST_PROMPTS,
     anchor_distance,
     check,
@@ -46,7 +48,7 @@ def test_every_prompt_gives_its_colour_shape_and_motion(results):
 
 def test_the_hr_clip_is_sharper_than_the_anchor_and_steady(results):
     for result in results.values():
-        assert result.hr.shape == (5, 128, 256, 3) and result.anchor.shape == (5, 32, 64, 3)
+        assert result.hr.shape == (5, 192, 384, 3) and result.anchor.shape == (5, 64, 128, 3)
         assert result.measured.sharpness > 2 * result.anchor_measured.sharpness
         assert result.measured.flicker < 0.03
 
@@ -82,7 +84,7 @@ def test_the_checks_can_fail_on_a_wrong_prompt(results):
     red, blue = (results[p] for p in TEST_PROMPTS[:2])
     swapped = type(red)(blue.prompt, red.hr, red.anchor, red.measured, red.anchor_measured)
     assert not all(check(swapped).values())
-    assert anchor_distance(red) < 12 and seam_step(red.hr, seam_column()) < 0.02
+    assert anchor_distance(red) < ANCHOR_TOLERANCE_PX and seam_step(red.hr, seam_column()) < SEAM_TOLERANCE
     assert torch.equal(swapped.hr, red.hr)
 
 

@@ -2,10 +2,11 @@
 
 By default (``kind="toy"``) the models are the toy PixelWizard shipped in ``pixelwizard_core/toy/weights``
 (trained on the toy world of :mod:`pixelwizard_core.toy` by ``train-toy``), opened from their files by the
-real loaders, at 256x128, 5 frames (the default prompt "a red circle moving right on a dark background").
-No trained weights ship yet (issue 17: the first ones did not pass the quality checks); until they do,
-the folder is empty and the demo falls back to random weights. The folder's ``demo.json`` (written with the weights) names the files and the stage settings, so
-this module needs nothing from the toy package (which sits in a layer above).
+real loaders, at 384x192 from a 128x64 anchor, 5 frames (the default prompt "a red circle moving right on a
+dark background"). No trained weights ship yet (issue 17: the trained models do not pass the quality checks);
+until they do, the folder is empty and the demo falls back to random weights. The folder's ``demo.json``
+(written with the weights) names the files and the stage settings, so this module needs nothing from the toy
+package (which sits in a layer above).
 
 ``kind="random"`` is the pure install check: tiny random models built in memory with the real structure
 (48 latent channels, head size 128, 512 text rows, the Wan2.2 VAE's stages); the video is noise. It is

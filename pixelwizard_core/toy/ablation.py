@@ -15,7 +15,8 @@ area-downsampled clip, VAE-encoded, is the anchor (as in training). The HR stage
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -27,7 +28,7 @@ from ..pipeline.text import TextEncoder
 from .evaluate import hr_settings
 from .measure import measure
 from .models import SIZES
-from .recipe import downsample_clip
+from .recipe import ToyData, ToyRecipe, downsample_clip, export_hr, new_hr_dit, shortcut_hr_dit
 from .world import Scene, dataset, from_model_video, render, to_model_video
 
 VALIDATION_SEED = 10_000  # scenes of another seed than any training run's
@@ -97,3 +98,35 @@ def table(results: dict[str, dict[int, list[dict[str, float]]]], keys: tuple[str
             cells = [spread([run[k] for run in runs]) for k in keys]
             lines.append(f"| {variant} | {steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# The paper's shortcut objective and its ablations: each trains the same steps from the same flow-matching
+# start (the recipe's ``hr_fm``), differing only in the named options.
+VARIANTS = {
+    "exponential+calibration": {},
+    "uniform+calibration": {"index_sampling": "uniform"},
+    "exponential, no calibration": {"calibration_power": 0.0},
+}
+
+
+def train_variants(cache: str | Path, output: str | Path, recipe: ToyRecipe = ToyRecipe(),
+                   names: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, Path]:
+    """Shortcut-train one HR model per variant from ``cache``'s data and ``hr_fm`` (written by
+    ``train-toy --cache``); write each as an HR file in ``output``. Returns name -> file."""
+    import torch
+
+    cache, output = Path(cache), Path(output)
+    data = ToyData(**torch.load(cache / "data.pt", weights_only=True))
+    start = new_hr_dit(0)
+    start.load_state_dict(torch.load(cache / "hr_fm.pt", weights_only=True))
+    files = {}
+    for name in names:
+        config = replace(recipe.shortcut, **VARIANTS[name])
+        if not VARIANTS[name] and (cache / "hr_sc.pt").is_file():  # the recipe's own run: the same seeds
+            model = new_hr_dit(0)
+            model.load_state_dict(torch.load(cache / "hr_sc.pt", weights_only=True))
+        else:
+            model = shortcut_hr_dit(start, data, recipe, config)
+        files[name] = export_hr(output / f"hr_{name.replace(' ', '_').replace(',', '').replace('+', '_')}.safetensors",
+                                model, {"variant": name, "shortcut": config.to_dict()})
+    return files

@@ -18,7 +18,10 @@ import torch
 from .models import WEIGHTS_DIR
 
 log = logging.getLogger("pixelwizard")
-STEP_FIELDS = ("clips", "lr_dit_steps", "hr_pretrain_steps", "hr_shortcut_steps", "batch")
+STEP_FIELDS = {"clips": "scenes in the DiTs' data set", "lr_dit_steps": "LR DiT flow-matching steps",
+               "hr_pretrain_steps": "HR DiT flow-matching steps (dt = 0)",
+               "hr_shortcut_steps": "HR DiT shortcut steps (from the flow-matching model)",
+               "batch": "DiT batch size"}
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction,
@@ -29,13 +32,13 @@ def add_subcommand(subparsers: argparse._SubParsersAction,
     defaults = ToyRecipe()
     train = subparsers.add_parser("train-toy", help="train the tiny PixelWizard of the toy world from a seed",
                                   description=__doc__.splitlines()[0], formatter_class=formatter)
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--seed", type=int, default=defaults.seed, help="seed of every random draw of the run")
     train.add_argument("--output", help=f"folder for the weights (default: the shipped ones, {WEIGHTS_DIR})")
     train.add_argument("--cache", help="folder keeping the VAE, data and models between runs (to iterate)")
     train.add_argument("--threads", type=int, default=1,
                        help="torch CPU threads (1: on a shared machine more threads spin and slow down)")
-    for name in STEP_FIELDS:
-        train.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    for name, what in STEP_FIELDS.items():
+        train.add_argument(f"--{name}", type=int, default=getattr(defaults, name), help=what)
     train.add_argument("--vae_scale", type=float, default=1.0,
                        help="multiply the VAE's training steps (e.g. 0.01 for a quick smoke run)")
     train.set_defaults(run=cmd_train_toy)
@@ -43,20 +46,25 @@ def add_subcommand(subparsers: argparse._SubParsersAction,
     check = subparsers.add_parser("toy-check", help="quality checks of the pipeline on the toy models",
                                   formatter_class=formatter)
     check.add_argument("--weights", default=str(WEIGHTS_DIR), help="folder of the toy weight files")
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--seed", type=int, default=0, help="seed of the LR anchor (the HR stage uses seed + 9900)")
     check.add_argument("--broken", action="store_true", help="also run each deliberately broken variant")
     check.add_argument("--json", help="write the results here")
-    check.add_argument("--threads", type=int, default=1)
+    check.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     check.set_defaults(run=cmd_toy_check)
 
     ablate = subparsers.add_parser("toy-ablation", help="HR models scored from ground-truth anchors at 2/4/8 steps",
                                    formatter_class=formatter)
-    ablate.add_argument("hr", nargs="+", help="HR files (e.g. trained with other ShortcutConfig options); NAME=FILE "
+    ablate.add_argument("hr", nargs="*", help="HR files (e.g. trained with other ShortcutConfig options); NAME=FILE "
                                               "names a row; FILE:dt0 samples it with dt = 0 (plain flow matching)")
+    ablate.add_argument("--train", metavar="CACHE",
+                        help="first train the ablation variants (ablation.VARIANTS) from a `train-toy --cache` "
+                             "folder's data and flow-matching start into --output; score them and that start (dt = 0)")
+    ablate.add_argument("--output", default="toy_ablation", help="folder for the --train variants' HR files")
+    ablate.add_argument("--json", help="write the scores here")
     ablate.add_argument("--weights", default=str(WEIGHTS_DIR), help="folder with the toy VAE and text encoder")
-    ablate.add_argument("--scenes", type=int, default=8)
+    ablate.add_argument("--scenes", type=int, default=8, help="validation scenes (unseen in training) per score")
     ablate.add_argument("--seeds", type=int, default=2, help="noise seeds (the spread in the table)")
-    ablate.add_argument("--threads", type=int, default=1)
+    ablate.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ablate.set_defaults(run=cmd_toy_ablation)
 
 
@@ -97,7 +105,6 @@ def cmd_toy_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-
 def cmd_toy_ablation(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -107,11 +114,21 @@ def cmd_toy_ablation(args: argparse.Namespace) -> int:
     from .evaluate import toy_pipeline
 
     torch.set_num_threads(args.threads)
+    specs = list(args.hr)
+    if args.train:
+        from .ablation import train_variants
+        from .recipe import export_hr, new_hr_dit
+
+        start = new_hr_dit(0)
+        start.load_state_dict(torch.load(Path(args.train) / "hr_fm.pt", weights_only=True))
+        plain = export_hr(Path(args.output) / "hr_flow_matching.safetensors", start, {"variant": "flow matching"})
+        specs = [f"plain flow matching (dt = 0)={plain}:dt0"] + [
+            f"{name}={path}" for name, path in train_variants(args.train, args.output).items()] + specs
     pw = toy_pipeline(args.weights)
     results: dict[str, dict[int, list[dict[str, float]]]] = {}
     with pw.models.use("vae") as vae, pw.models.use("text") as text:
         items = validation_items(vae, args.scenes)
-        for spec in args.hr:
+        for spec in specs:
             name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
             path, dt0 = (path[:-4], True) if path.endswith(":dt0") else (path, False)
             model = load_hr_dit(path, dtype="fp32").eval()
@@ -120,4 +137,6 @@ def cmd_toy_ablation(args: argparse.Namespace) -> int:
                     runs = [score(model, vae, text, items, steps, seed * 1000) for seed in range(args.seeds)]
                 results.setdefault(name, {})[steps] = runs
     print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -23,8 +23,8 @@ from .measure import Measurement, measure
 from .models import (CFG, HR_SHIFT, HR_STEPS, LR_SHIFT, LR_STEPS, OVERLAP, SIZES, TILES, WEIGHTS_DIR,
                      weight_paths)
 from .world import from_model_video, parse_prompt
-# Tolerances of :func:`check`, in HR pixels of a 256x128 clip (the object's radius is about 22 px).
-ANCHOR_TOLERANCE_PX = 12.0
+# Tolerances of :func:`check`, in HR pixels of a 384x192 clip (the object's radius is about 33 px).
+ANCHOR_TOLERANCE_PX = 18.0
 SEAM_TOLERANCE = 0.02
 
 TEST_PROMPTS = (

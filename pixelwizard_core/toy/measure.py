@@ -2,9 +2,12 @@
 
 The object is the set of saturated pixels (backgrounds are grey). From its mask per frame:
 
-- **colour**: the palette colour nearest to the mean colour of the mask's core (eroded, so blur at the
-  edge does not pull it towards the background);
-- **shape**: fill ratio of the mask in its bounding box (square ~1.0, circle ~0.79, triangle ~0.5);
+- **colour**: the palette colour (by chromaticity) that most saturated pixels are nearest to; the object
+  is then the saturated pixels of that colour (a fringe of another hue, e.g. a codec's or VAE's colour
+  halo, is not part of it);
+- **shape**: the ideal shape (circle, square, upward triangle) that, placed at the object's centroid with
+  the object's area, overlaps the object best (intersection over union, summed over the frames); rounded
+  corners or concave sides of a blurred square still overlap a square more than a circle;
 - **motion**: the centroid track from the first to the last frame, or "growing" when the area grows and
   the centroid stays; speed in pixels per frame;
 - **sharpness**: the gradient-weighted mean colour gradient of the clip (0..1 per pixel): an edge of
@@ -15,12 +18,13 @@ The object is the set of saturated pixels (backgrounds are grey). From its mask 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .world import COLOURS
+from .world import COLOURS, SHAPES
 
 SATURATION_MIN = 0.35
 VALUE_MIN = 0.2
@@ -55,19 +59,18 @@ def object_mask(clip: torch.Tensor) -> torch.Tensor:
     return (saturation > SATURATION_MIN) & (high > VALUE_MIN)
 
 
-def _erode(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    inverse = (~mask).float()[:, None]
-    grown = F.max_pool2d(inverse, 2 * pixels + 1, stride=1, padding=pixels)
-    return grown[:, 0] < 0.5
-
-
-def _nearest_colour(rgb: torch.Tensor) -> str:
+def _palette_chroma() -> tuple[list[str], torch.Tensor]:
     names = list(COLOURS)
     palette = torch.tensor([COLOURS[n] for n in names])
-    # compare chromaticity (colour divided by its brightness), so shading does not change the answer
-    chroma = rgb / rgb.sum().clamp_min(1e-6)
-    distances = (palette / palette.sum(1, keepdim=True) - chroma).pow(2).sum(1)
-    return names[int(distances.argmin())]
+    return names, palette / palette.sum(1, keepdim=True)
+
+
+def _colour_index(rgb: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest palette colour by chromaticity (colour over brightness, so shading does not
+    change the answer) for each pixel rgb [..., 3]."""
+    _, chroma = _palette_chroma()
+    own = rgb / rgb.sum(-1, keepdim=True).clamp_min(1e-6)
+    return (own[..., None, :] - chroma).pow(2).sum(-1).argmin(-1)
 
 
 def _fill_ratio(mask: torch.Tensor) -> float:
@@ -79,10 +82,48 @@ def _fill_ratio(mask: torch.Tensor) -> float:
 
 
 def classify_shape(fill: float) -> str:
-    """Fill ratio -> shape (thresholds halfway between the ideal 0.5, 0.785 and 1.0)."""
+    """Fill ratio -> shape (thresholds halfway between the ideal 0.5, 0.785 and 1.0): the rough reading of
+    one mask; :func:`shape_scores` is what :func:`measure` uses."""
     if fill >= 0.9:
         return "square"
     return "circle" if fill >= 0.64 else "triangle"
+
+
+def _template(shape: str, px: torch.Tensor, py: torch.Tensor, area: float) -> torch.Tensor:
+    """Mask of the ideal ``shape`` of ``area`` pixels centred at 0 (px, py: pixel offsets)."""
+    if shape == "circle":
+        return px * px + py * py <= area / math.pi
+    if shape == "square":
+        half = area ** 0.5 / 2
+        return (px.abs() <= half) & (py.abs() <= half)
+    radius = (4 * area / 3 ** 0.5) ** 0.5 / 3 ** 0.5   # circumradius of the equilateral triangle
+    edges = [px * math.cos(angle) + py * math.sin(angle) <= radius / 2  # y grows downwards: apex up
+             for angle in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)]
+    return edges[0] & edges[1] & edges[2]
+
+
+def shape_scores(mask: torch.Tensor, centroids: list[tuple[float, float]]) -> dict[str, float]:
+    """Shape -> intersection over union of the object mask [F, H, W] with that ideal shape placed at each
+    frame's centroid with the frame's object area, summed over the frames."""
+    height, width = mask.shape[1:]
+    scores = dict.fromkeys(SHAPES, 0.0)
+    for frame, (cx, cy) in zip(mask, centroids):
+        area = float(frame.sum())
+        # a window holding the object and every template (the triangle reaches 0.88 sqrt(area) out)
+        rows, cols = torch.nonzero(frame, as_tuple=True)
+        reach = 0.9 * area ** 0.5 + 2
+        top = max(0, min(int(cy - reach), int(rows.min())))
+        bottom = min(height, max(int(cy + reach) + 1, int(rows.max()) + 1))
+        left = max(0, min(int(cx - reach), int(cols.min())))
+        right = min(width, max(int(cx + reach) + 1, int(cols.max()) + 1))
+        frame = frame[top:bottom, left:right]
+        ys = torch.arange(top, bottom, dtype=torch.float32)[:, None]
+        xs = torch.arange(left, right, dtype=torch.float32)[None, :]
+        for shape in SHAPES:
+            ideal = _template(shape, xs - cx, ys - cy, area)
+            union = float((ideal | frame).sum())
+            scores[shape] += float((ideal & frame).sum()) / max(union, 1.0)
+    return scores
 
 
 def _centroids(mask: torch.Tensor) -> list[tuple[float, float]]:
@@ -134,18 +175,19 @@ def _dilate(mask: torch.Tensor, pixels: int) -> torch.Tensor:
 def measure(clip: torch.Tensor) -> Measurement:
     """All measurements of a clip [F, H, W, 3] float in 0..1."""
     clip = clip.float().clamp(0, 1)
-    mask = object_mask(clip)
+    saturated = object_mask(clip)
+    names, _ = _palette_chroma()
+    nearest = _colour_index(clip)
+    counts = torch.bincount(nearest[saturated], minlength=len(names))
+    dominant = int(counts.argmax())
+    mask = saturated & (nearest == dominant)
     areas = mask.flatten(1).sum(1).float()
     if int(areas.min()) == 0:  # no object in some frame: nothing can be read
-        return Measurement("none", "none", "none", 0.0, sharpness(clip), flicker(clip, mask),
+        return Measurement("none", "none", "none", 0.0, sharpness(clip), flicker(clip, saturated),
                            float(areas.mean() / mask[0].numel()), 0.0, ())
-    core = _erode(mask, 1)
-    core = core if core.any() else mask
-    colour = _nearest_colour(clip[core].mean(0))
-    middle = mask.shape[0] // 2
-    fill = _fill_ratio(mask[middle])
     centroids = _centroids(mask)
     motion, speed = _motion(centroids, areas)
-    return Measurement(colour, classify_shape(fill), motion, speed, sharpness(clip), flicker(clip, mask),
-                       float(areas.mean() / mask[0].numel()), fill, tuple(centroids))
-
+    scores = shape_scores(mask, centroids)
+    fill = _fill_ratio(mask[mask.shape[0] // 2])
+    return Measurement(names[dominant], max(scores, key=scores.get), motion, speed, sharpness(clip),
+                       flicker(clip, saturated), float(areas.mean() / mask[0].numel()), fill, tuple(centroids))

@@ -3,9 +3,9 @@
 Order (each step's output feeds the next):
 
 1. the tokenizer (written) and a random, frozen umT5-structured text encoder (seeded);
-2. the VAE, trained to reconstruct fresh clips at the HR and anchor sizes (:mod:`.vae_training`): first on
-   crops around the object, then on whole frames;
-3. a data set of ``clips`` scenes: HR clips encoded to HR latents, their 4x area-downsampled versions
+2. the VAE, trained to reconstruct fresh clips (:mod:`.vae_training`): crops of HR-scale renders, whole
+   anchor-size clips and single frames; first the whole VAE, then the decoder alone;
+3. a data set of ``clips`` scenes: HR clips encoded to HR latents, their 3x area-downsampled versions
    (the reference's first degradation step) encoded to anchor latents, prompts encoded to contexts;
 4. the LR DiT by flow matching on the anchor latents, through :class:`~..training.ShortcutObjective` with
    ``sc_rate`` 0 (a flow-matching-only objective; the LR model has no dt and no anchor);
@@ -51,20 +51,19 @@ class ToyRecipe:
 
     seed: int = 0
     clips: int = 320
-    # VAE phases (steps, batch, crop, peak lr, object weight), each a one-cycle schedule of its own: first
-    # 64x64 crops around the object (cheap; learns the shapes), then whole frames (the middle attention
-    # then sees whole frames, as it does in use)
-    vae_phases: tuple[tuple[int, int, int, float, float], ...] = (
-        (900, 4, 64, 3e-3, 20.0), (240, 2, 256, 1e-3, 4.0), (360, 2, 256, 1e-3, 4.0))
-    lr_dit_steps: int = 1200
-    # further LR phases (steps, lr, seed offset), each with a fresh AdamW from the previous EMA weights
-    lr_dit_more: tuple[tuple[int, float, int], ...] = ((1000, 1e-3, 101), (1500, 1e-3, 101))
-    hr_pretrain_steps: int = 1000
-    hr_shortcut_steps: int = 600
-    # further shortcut phases (steps, lr, seed offset) from the previous phase's EMA weights
-    hr_shortcut_more: tuple[tuple[int, float, int], ...] = ((1200, 1e-3, 4),)
-    batch: int = 16
-    dit_lr: float = 5e-4
+    # what one VAE step renders, cycling: (width, height, frames, batch, crop); the crop is a square window
+    # around the object (the 128x64 clips are whole). HR-scale edges from crops of 512x256 renders, whole
+    # objects at the anchor size, single frames (cheap) for the spatial part.
+    vae_mix: tuple[tuple[int, int, int, int, int], ...] = (
+        (512, 256, 5, 2, 96), (128, 64, 5, 4, 128), (512, 256, 1, 4, 128))
+    # VAE phases (steps, peak lr, decoder only), each a one-cycle schedule of its own: the whole VAE, then
+    # the decoder alone (sharper edges; the encoder, so the DiTs' latents, stays as it is)
+    vae_phases: tuple[tuple[int, float, bool], ...] = ((1500, 3e-3, False), (1000, 1e-3, True))
+    lr_dit_steps: int = 2000
+    hr_pretrain_steps: int = 1200
+    hr_shortcut_steps: int = 800
+    batch: int = 8
+    dit_lr: float = 1e-3
     ema_decay: float = 0.995
     shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
 
@@ -182,21 +181,13 @@ def fit(model: nn.Module, objective: ShortcutConfig, data: ToyData, *, stage: st
     return trainer
 
 
-def train_lr_dit(data: ToyData, recipe: ToyRecipe, start: WanDiT | None = None) -> WanDiT:
-    """Flow matching at the anchor size: ``lr_dit_steps`` at ``dit_lr``, then the ``lr_dit_more`` phases
-    (each from the previous phase's EMA weights; ``start``: skip the first phase, begin from this model)."""
-    dit = start
-    if dit is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed + 1)
-            dit = WanDiT(DIT)
-    config = replace(recipe.shortcut, sc_rate=0.0)
-    phases = [(recipe.lr_dit_steps, recipe.dit_lr, 1)] + list(recipe.lr_dit_more)
-    for phase, (steps, lr, offset) in enumerate(phases):
-        if phase == 0 and start is not None:
-            continue
-        fit(FlowOnly(dit), config, data, stage="lr", steps=steps, recipe=replace(recipe, dit_lr=lr),
-            seed=recipe.seed + offset)
+def train_lr_dit(data: ToyData, recipe: ToyRecipe) -> WanDiT:
+    """Flow matching at the anchor size (``lr_dit_steps`` at ``dit_lr``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed + 1)
+        dit = WanDiT(DIT)
+    fit(FlowOnly(dit), replace(recipe.shortcut, sc_rate=0.0), data, stage="lr", steps=recipe.lr_dit_steps,
+        recipe=recipe, seed=recipe.seed + 1)
     return dit.eval()
 
 
@@ -235,13 +226,23 @@ def export(folder: Path, *, text: TextEncoder, vae: WanVAE, lr: WanDiT, hr: WanH
     save_file(_half(text.encoder.state_dict()), str(paths["text"]), metadata=meta)
     save_file(_half(vae.state_dict()), str(paths["vae"]), metadata=meta)
     save_file(_half(lr.state_dict()), str(paths["lr"]), metadata=meta)
-    # the reference's HR layout: every key under "model.", the conditioning recorded in the metadata
-    save_file(_half(hr.state_dict(), "model."), str(paths["hr"]),
-              metadata={**meta, "step_size_conditioning": hr.step_size_conditioning})
+    export_hr(paths["hr"], hr, info)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest(), indent=2) + "\n", encoding="utf-8")
     for path in paths.values():
         path.chmod(0o644)  # package data: readable by everyone (safetensors writes 0600)
     return paths
+
+
+def export_hr(path: Path, hr: WanHRDiT, info: dict) -> Path:
+    """The reference's HR layout: every key under "model.", the conditioning recorded in the metadata."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_half(hr.state_dict(), "model."), str(path),
+              metadata={"toy_recipe": json.dumps(info, sort_keys=True),
+                        "step_size_conditioning": hr.step_size_conditioning})
+    path.chmod(0o644)
+    return path
 
 
 def _cached(cache: Path | None, name: str, make, *, module: nn.Module | None = None):
@@ -278,28 +279,24 @@ def train_all(folder: str | Path, recipe: ToyRecipe = ToyRecipe(), cache: str | 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         vae = WanVAE(VAE)
-    hr_size, lr_size, frames = (SIZES.hr_width, SIZES.hr_height), (SIZES.lr_width, SIZES.lr_height), SIZES.frames
 
     def make_vae() -> WanVAE:
-        shapes = ((*hr_size, frames), (*lr_size, frames), (*hr_size, 1))
-        for phase, (steps, batch, crop, lr, weight) in enumerate(recipe.vae_phases):
-            train_vae(vae, steps=steps, batch=batch, crop=crop, lr=lr, shapes=shapes, seed=recipe.seed + phase,
-                      object_weight=weight)
+        for phase, (steps, lr, decoder_only) in enumerate(recipe.vae_phases):
+            train_vae(vae, steps=steps, lr=lr, mix=recipe.vae_mix, seed=recipe.seed + phase,
+                      decoder_only=decoder_only)
         return vae
 
     vae = _cached(cache, "vae", make_vae, module=vae)
     lap("vae")
     data = _cached(cache, "data", lambda: encode_dataset(vae, text, recipe.clips, recipe.seed))
     lap("encode_dataset")
-    lr = _cached(cache, "lr_dit", lambda: train_lr_dit(data, recipe), module=WanDiT(DIT))
+    lr_dit = _cached(cache, "lr_dit", lambda: train_lr_dit(data, recipe), module=WanDiT(DIT))
     lap("lr_dit")
     start = _cached(cache, "hr_fm", lambda: pretrain_hr_dit(data, recipe), module=new_hr_dit(0))
     lap("hr_dit_flow_matching")
     hr = _cached(cache, "hr_sc", lambda: shortcut_hr_dit(start, data, recipe), module=new_hr_dit(0))
-    for steps, lr, offset in recipe.hr_shortcut_more:
-        hr = shortcut_hr_dit(hr, data, replace(recipe, hr_shortcut_steps=steps, dit_lr=lr), seed_offset=offset)
     lap("hr_dit_shortcut")
     info = {"recipe": recipe.to_dict(), "timings_s": timings, "threads": torch.get_num_threads()}
-    export(folder, text=text, vae=vae, lr=lr, hr=hr, info=info)
+    export(folder, text=text, vae=vae, lr=lr_dit, hr=hr, info=info)
     (folder / "toy_training.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return info

@@ -82,28 +82,36 @@ def latent_stats_penalty(latent: torch.Tensor) -> torch.Tensor:
     return (flat.mean(1).pow(2) + flat.std(1).clamp_min(1e-4).log().pow(2)).mean()
 
 
-def train_vae(vae: WanVAE, *, steps: int, batch: int, crop: int, lr: float,
-              shapes: tuple[tuple[int, int, int], ...], seed: int, latent_noise: float = 0.05,
-              stats_weight: float = 0.02, object_weight: float = 20.0) -> list[float]:
-    """Train ``vae`` in place; step i renders fresh scenes at ``shapes[i % len(shapes)]`` (W, H, frames;
-    single frames are 3x cheaper and teach the spatial part). Returns the losses."""
+def train_vae(vae: WanVAE, *, steps: int, lr: float, mix: tuple[tuple[int, int, int, int, int], ...], seed: int,
+              latent_noise: float = 0.05, stats_weight: float = 0.02, object_weight: float = 10.0,
+              decoder_only: bool = False) -> list[float]:
+    """Train ``vae`` in place; step i renders fresh scenes as ``mix[i % len(mix)]`` says: (width, height,
+    frames, batch, crop), the crop a square window around the object (whole frames when they fit; single
+    frames are cheap and teach the spatial part). ``decoder_only``: the encoder stays fixed (so latents
+    encoded before stay valid) and only the decoder learns. Returns the losses."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    trained = [p for name, p in vae.named_parameters()
+               if not decoder_only or name.startswith(("decoder.", "conv2."))]
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     vae.train()
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(steps):
-        video = vae_batch(batch, shapes[step % len(shapes)], crop, generator)
-        latent = encode_with_grad(vae, video)
+        width, height, frames, batch, crop = mix[step % len(mix)]
+        video = vae_batch(batch, (width, height, frames), crop, generator)
+        with torch.set_grad_enabled(not decoder_only):
+            latent = encode_with_grad(vae, video)
         noise = torch.randn(latent.shape, generator=generator) * latent_noise
         recon = decode_with_grad(vae, latent + noise)
         error = recon - video
         weights = object_weights(video, object_weight)
-        loss = (weights * (error.abs() + error.pow(2))).mean() + stats_weight * latent_stats_penalty(latent)
+        loss = (weights * (error.abs() + error.pow(2))).mean()
+        if not decoder_only:
+            loss = loss + stats_weight * latent_stats_penalty(latent)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
