@@ -16,6 +16,7 @@ also the fallback when the toy files are missing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from pathlib import Path
@@ -65,10 +66,16 @@ def demo_kind(requested: object = True) -> str:
 
         raise ConfigError(f"--demo {kind!r}: choose one of {', '.join(DEMO_KINDS)}")
     if kind == "toy" and toy_manifest() is None:
-        log.info("no toy models in %s (`python -m pixelwizard_core train-toy` writes them): the demo uses "
-                 "random weights and its video is noise", TOY_WEIGHTS)
+        _say_no_toy_models()
         return "random"
     return kind
+
+
+@functools.cache
+def _say_no_toy_models() -> None:
+    """Once per process (the settings and the models both ask)."""
+    log.info("no toy models in %s (`python -m pixelwizard_core train-toy` writes them): the demo uses random "
+             "weights and its video is noise", TOY_WEIGHTS)
 
 
 def apply_demo_settings(args: argparse.Namespace) -> None:
