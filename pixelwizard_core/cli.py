@@ -11,7 +11,6 @@ import argparse
 import errno
 import importlib
 import logging
-import os
 import random
 import signal
 import sys
@@ -39,7 +38,7 @@ from .pipeline.runner import PixelWizard, StageStats
 from .pipeline.tile_plan import ORDERS, PATCH_DIMS
 from .pipeline.tiled_decode import BLEND_MODES
 from .sampling import solver_choices
-from .system import DEVICE_CHOICES, resolve_device, stop_on_signals, supported_dtype
+from .system import DEVICE_CHOICES, launched_world_size, resolve_device, stop_on_signals, supported_dtype
 
 log = logging.getLogger("pixelwizard")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -303,7 +302,7 @@ def make_pipeline(args: argparse.Namespace, *roles: str) -> PixelWizard:
     """One process, or (under torchrun, or with the parallel options) this rank of a multi-process run."""
     models = make_models(args, *roles)
     if getattr(args, "ulysses_size", 1) > 1 or getattr(args, "dit_fsdp", False) or getattr(args, "t5_fsdp", False) \
-            or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            or launched_world_size() > 1:
         from .distributed.launch import from_env
 
         return from_env(models, ulysses=args.ulysses_size, dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp)

@@ -35,6 +35,7 @@ from .io.video import read_video_metadata
 from .pipeline.jobs import PromptJob, output_path
 from .pipeline.presets import prompt_seeds
 from .pipeline.runner import PixelWizard
+from .system import launched_world_size
 
 log = logging.getLogger("pixelwizard")
 
@@ -59,7 +60,7 @@ def writes_outputs(args: argparse.Namespace) -> bool:
     """Whether this process writes outputs: one process, or under torchrun the first rank of its group of
     ``--ulysses_size`` ranks (:mod:`.distributed.groups`, whose checks of the sizes run here, before any folder
     is touched); the other ranks never touch the output folders."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if world == 1:
         return True
     size = getattr(args, "ulysses_size", 1)
@@ -119,7 +120,7 @@ def prompt_targets(pw: PixelWizard, jobs: list[PromptJob], args: argparse.Namesp
                    **stages: Any) -> list[Target]:
     """The outputs of ``generate`` and ``anchor``: named by prompt index, made with the prompt, the seeds, the
     stage settings, the start image and the models' identities (LoRAs included)."""
-    image = start_image(args)
+    image = image_identity(args)
     roles = ROLES[args.command] + (("vae",) if image and "vae" not in ROLES[args.command] else ())
     models = {role: pw.identity(role) for role in roles}
     return [Target(str(job.output_index), job.prompt, run_settings(
@@ -127,7 +128,7 @@ def prompt_targets(pw: PixelWizard, jobs: list[PromptJob], args: argparse.Namesp
         seeds=prompt_seeds(base_seed, job.index), models=models, image=image, **stages)) for job in jobs]
 
 
-def start_image(args: argparse.Namespace) -> dict | None:
+def image_identity(args: argparse.Namespace) -> dict | None:
     """``--image`` by name and content (and whether ``--pin_image_hr`` pins it), None without one."""
     path = getattr(args, "image", None)
     if not path:

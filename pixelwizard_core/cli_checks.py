@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .pipeline.memory import GIB, dit_activation_bytes, weight_bytes
 from .pipeline.presets import (HR_PRESETS, HR_STEP_RANGE, LR_DEFAULTS, StageSettings, check_frames, check_stage,
                                parse_resolution, preset_for_size, prompt_seeds)
 from .pipeline.tile_plan import AUTO_PATCHES, SCALE, plan_tiles
+from .system import launched_world_size
 
 log = logging.getLogger("pixelwizard")
 
@@ -61,7 +61,7 @@ def check_paths(args: argparse.Namespace) -> None:
 def single_process(command: str) -> None:
     """``anchor``, ``upscale`` and ``decode`` run in one process: under torchrun every rank would run the whole
     command and write the same files."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise ConfigError(f"{command} runs in one process: under torchrun every rank would write the same files; run "
                           "it without torchrun (generate is the command that splits its work over processes)")
 

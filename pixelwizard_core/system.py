@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -66,6 +67,11 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 outside torchrun): its WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def peak_rss_bytes() -> int:

@@ -52,16 +52,12 @@ from ..pipeline.runner import PixelWizard
 from ..pipeline.text import TextConditioning
 from ..pipeline.tile_plan import ORDERS
 from ..pipeline.tiled_decode import BlendPlan
+from ..system import launched_world_size
 from .groups import SharedQueue, check_groups, describe, form_groups
 from .session import ParallelConfig, Session, check_model_degree, init_process_group
 from .tiles import blend_tiles, plan_for_latent
 
 log = logging.getLogger("pixelwizard")
-
-
-def launched_world_size() -> int:
-    """The number of ranks torchrun started (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank_device(requested: torch.device, world_size: int) -> torch.device:

@@ -310,20 +310,29 @@ def write_video(path: str | os.PathLike, chunks: Iterable[torch.Tensor | np.ndar
     return writer.path
 
 
+def _decode_frames(source: Path, limit: int | None = None) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """Up to ``limit`` frames of a video or image file as uint8 [H, W, 3] (rgb24, imageio-ffmpeg), and its size."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(source), pix_fmt="rgb24")
+    try:
+        width, height = next(reader)["size"]
+        frames = []
+        for raw in reader:
+            frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
+            if limit is not None and len(frames) >= limit:
+                break
+    finally:
+        reader.close()
+    return frames, (width, height)
+
+
 def read_video(path: str | os.PathLike) -> torch.Tensor:
     """Decode a video file to uint8 ``[F, H, W, 3]`` (RGB) with imageio-ffmpeg; for tests and metrics."""
     source = Path(path)
     if not source.is_file():
         raise ConfigError(f"video file {str(source)!r} does not exist")
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(source), pix_fmt="rgb24")
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
-        frames = [np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3) for raw in reader]
-    finally:
-        reader.close()
+    frames, (width, height) = _decode_frames(source)
     if not frames:
         return torch.empty(0, height, width, 3, dtype=torch.uint8)
     return torch.from_numpy(np.stack(frames))
@@ -335,23 +344,15 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     source = Path(path).expanduser()
     if not source.is_file():
         raise ConfigError(f"image file {str(source)!r} does not exist: give the path of a PNG or JPEG file")
-    import imageio_ffmpeg
-
     try:
-        reader = imageio_ffmpeg.read_frames(str(source), pix_fmt="rgb24")
-        try:
-            width, height = next(reader)["size"]
-            raw = next(reader, None)
-        finally:
-            reader.close()
+        frames, _ = _decode_frames(source, limit=1)
     except (OSError, RuntimeError, StopIteration) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"could not read {source.name} as an image ({reason}): give a PNG, JPEG or WebP "
                           "file") from None
-    if raw is None:
+    if not frames:
         raise ConfigError(f"{source.name} holds no image: give a PNG, JPEG or WebP file")
-    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
-    return torch.from_numpy(pixels.astype(np.float32) / 255.0)
+    return torch.from_numpy(frames[0].astype(np.float32) / 255.0)
 
 
 def probe_video(path: str | os.PathLike) -> dict:

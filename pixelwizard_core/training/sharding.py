@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
+from ..system import launched_world_size
 
 log = logging.getLogger("pixelwizard")
 PRECISIONS = ("bf16", "fp32")
@@ -47,7 +48,7 @@ class World:
 def init_distributed(device: str, *, need_group: bool) -> World:
     """Join the process group torchrun describes (WORLD_SIZE > 1), or make a one-rank group when
     ``need_group`` (FSDP mixed precision on one process). NCCL on CUDA, gloo on the CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
