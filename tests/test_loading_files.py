@@ -356,6 +356,21 @@ def test_non_wan_width_needs_num_heads(tmp_path: Path) -> None:
     assert_loaded(model, sd)
 
 
+def test_text_len_recorded_in_the_metadata(tmp_path: Path, dit_sd) -> None:
+    """A config field no shape shows (the toy world's 16-row text window) comes from the file's metadata;
+    a file that records none gets Wan's 512, a bad value is refused by name."""
+    save_file(dit_sd, str(tmp_path / "plain.safetensors"))
+    save_file(dit_sd, str(tmp_path / "short.safetensors"), metadata={"text_len": "16"})
+    save_file(dit_sd, str(tmp_path / "bad.safetensors"), metadata={"text_len": "sixteen"})
+    assert load_dit(tmp_path / "plain.safetensors").config.text_len == TINY_DIT.text_len
+    short = load_dit(tmp_path / "short.safetensors")
+    assert short.config.text_len == 16
+    assert_loaded(short, dit_sd)
+    assert load_dit(tmp_path / "short.safetensors", config_overrides={"text_len": 20}).config.text_len == 20
+    with pytest.raises(WeightFormatError, match="text_len = 'sixteen'"):
+        load_dit(tmp_path / "bad.safetensors")
+
+
 # ---------------------------------------------------------------------------------------------- dtype, device
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "fp16", "bf16", torch.float32])

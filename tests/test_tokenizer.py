@@ -87,6 +87,22 @@ def test_truncation_keeps_eos_like_hf(spiece: Path, tmp_path: Path) -> None:
         assert bool(mask[0].all()) and int(mask[1].sum()) == len(tok.encode(["kari"])[0]) + 1
 
 
+def test_tokenizer_json_may_set_its_own_length(spiece: Path, tmp_path: Path) -> None:
+    """A tokenizer.json with truncation (the toy world's) sets the length; without, Wan's 512; an
+    explicit length wins over both."""
+    import json
+
+    path = write_umt5_tokenizer_json(spiece, tmp_path / "tokenizer.json")
+    assert UMT5Tokenizer.from_tokenizer_json(path).max_length == 512
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["truncation"] = {"direction": "Right", "max_length": 24, "strategy": "LongestFirst", "stride": 0}
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    assert UMT5Tokenizer.from_folder(tmp_path).max_length == 24
+    assert load_t5_tokenizer(tmp_path).max_length == 24
+    assert UMT5Tokenizer.from_tokenizer_json(path, 40).max_length == 40
+    assert tuple(UMT5Tokenizer.from_folder(tmp_path)(["kari"])[0].shape) == (1, 24)
+
+
 def test_exactly_full_prompt_is_not_cut(spiece: Path) -> None:
     tok = UMT5Tokenizer.from_spiece_file(spiece, max_length=512)
     pieces = tok.encode(["kari tone mo la vi de an el " * 40])[0]

@@ -169,8 +169,9 @@ def load_t5(
                                 progress=progress)
 
 
-def load_t5_tokenizer(path: PathLike, max_length: int = 512) -> Any:
-    """The umT5 tokenizer shipped with the text encoder at ``path``.
+def load_t5_tokenizer(path: PathLike, max_length: int | None = None) -> Any:
+    """The umT5 tokenizer shipped with the text encoder at ``path`` (``max_length`` None: the length its
+    tokenizer.json sets, else Wan's 512).
 
     A Comfy-Org file carries it as the tensor ``spiece_model``; the official folder (or a ``.pth`` inside it)
     has it in ``google/umt5-xxl``; a tokenizer folder itself also works.
@@ -269,6 +270,7 @@ def load_from_source(
     plan = plan_for(source, component)
     where = source.describe()
     config_cls, model_cls = model_classes(component)
+    overrides = {**recorded_config(source, component), **(overrides or {})}
     config = make_config(component, config_cls, derive_values(component, plan.shapes), overrides, where)
     _warn_if_not_published(component, config, where)
     model = build_on_meta(model_cls, config, **(model_kwargs or {}))
@@ -289,6 +291,25 @@ def load_from_source(
         time.perf_counter() - start,
     )
     return model
+
+
+# Config fields no shape shows, which a file may record in its metadata (the toy world's DiTs attend to 16
+# text rows; a file that records nothing gets the config's default, Wan's 512).
+RECORDED_CONFIG_FIELDS = {"dit": ("text_len",), "hr_dit": ("text_len",)}
+
+
+def recorded_config(source: TensorSource, component: str) -> dict[str, int]:
+    """The config fields ``source`` records in its metadata (as decimal strings)."""
+    found = {}
+    for name in RECORDED_CONFIG_FIELDS.get(component, ()):
+        raw = source.metadata.get(name)
+        if raw is None:
+            continue
+        if not str(raw).strip().isdigit() or int(raw) < 1:
+            raise WeightFormatError(f"{source.describe()}: its metadata says {name} = {raw!r}; expected a positive "
+                                    "whole number")
+        found[name] = int(raw)
+    return found
 
 
 def _warn_if_not_published(component: str, config: Any, where: str) -> None:

@@ -62,7 +62,8 @@ class UMT5Tokenizer:
     """Callable on a list of prompts -> (ids [B, max_length] int64, mask [B, max_length] int64)."""
 
     def __init__(self, encode_batch: Callable[[list[str]], list[list[int]]], eos_id: int, pad_id: int,
-                 vocab_size: int, source: str, max_length: int = TEXT_LEN) -> None:
+                 vocab_size: int, source: str, max_length: int | None = TEXT_LEN) -> None:
+        max_length = TEXT_LEN if max_length is None else max_length
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1 (room for </s>), got {max_length}")
         self._encode_batch = encode_batch
@@ -74,10 +75,11 @@ class UMT5Tokenizer:
 
     # ----- constructors -------------------------------------------------------------------------
     @classmethod
-    def from_folder(cls, folder: PathLike, max_length: int = TEXT_LEN) -> "UMT5Tokenizer":
+    def from_folder(cls, folder: PathLike, max_length: int | None = None) -> "UMT5Tokenizer":
         """A folder holding tokenizer.json or spiece.model, or a checkpoint folder with google/umt5-xxl.
 
-        tokenizer.json wins when both exist, as with the official AutoTokenizer.
+        tokenizer.json wins when both exist, as with the official AutoTokenizer. ``max_length`` None: the
+        length a tokenizer.json sets for truncation, else Wan's 512.
         """
         folder = Path(folder)
         for where in (folder, folder / TOKENIZER_SUBFOLDER):
@@ -90,7 +92,7 @@ class UMT5Tokenizer:
             f"{folder / TOKENIZER_SUBFOLDER}). {_HOW_TO_PROVIDE}")
 
     @classmethod
-    def from_tokenizer_json(cls, path: PathLike, max_length: int = TEXT_LEN) -> "UMT5Tokenizer":
+    def from_tokenizer_json(cls, path: PathLike, max_length: int | None = None) -> "UMT5Tokenizer":
         from tokenizers import Tokenizer
 
         path = _existing(path)
@@ -98,6 +100,10 @@ class UMT5Tokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
             raise WeightFormatError(f"{path} is not a readable tokenizer.json ({err}). {_HOW_TO_PROVIDE}") from err
+        # A file may set its own truncation length (the toy world's does: its DiTs read 16 rows); the
+        # umT5 release sets none, and Wan's pipeline passes 512.
+        if max_length is None:
+            max_length = (tok.truncation or {}).get("max_length") or TEXT_LEN
         # Truncation and padding are applied here, identically for both backends.
         tok.no_truncation()
         tok.no_padding()
@@ -113,12 +119,12 @@ class UMT5Tokenizer:
         return cls(encode_batch, eos, pad, tok.get_vocab_size(with_added_tokens=True), str(path), max_length)
 
     @classmethod
-    def from_spiece_file(cls, path: PathLike, max_length: int = TEXT_LEN) -> "UMT5Tokenizer":
+    def from_spiece_file(cls, path: PathLike, max_length: int | None = None) -> "UMT5Tokenizer":
         path = _existing(path)
         return cls.from_spiece_bytes(path.read_bytes(), max_length, source=str(path))
 
     @classmethod
-    def from_spiece_bytes(cls, data: SpieceData, max_length: int = TEXT_LEN,
+    def from_spiece_bytes(cls, data: SpieceData, max_length: int | None = None,
                           source: str = "serialized SentencePiece model") -> "UMT5Tokenizer":
         """From the bytes of a SentencePiece model, or the uint8 tensor ``spiece_model`` holding them."""
         import sentencepiece
@@ -141,7 +147,7 @@ class UMT5Tokenizer:
         return cls(encode_batch, sp.eos_id(), sp.pad_id(), sp.get_piece_size(), source, max_length)
 
     @classmethod
-    def from_text_encoder_file(cls, path: PathLike, max_length: int = TEXT_LEN) -> "UMT5Tokenizer":
+    def from_text_encoder_file(cls, path: PathLike, max_length: int | None = None) -> "UMT5Tokenizer":
         """The tokenizer embedded in a Comfy-Org umT5 safetensors file (reads only that tensor)."""
         from safetensors import safe_open
 
