@@ -21,6 +21,7 @@ torch.set_num_threads(2)
 SLOW_MODULES = {"test_pool.py", "test_pool_portable.py", "test_distributed.py", "test_gpu_benchmark.py",
                 "test_comfyui_integration.py", "test_toy_pipeline.py"}
 SLOW_TESTS = {
+    "test_the_recipe_runs_end_to_end_and_writes_files_the_loaders_read",
     "test_sequence_parallel_hr_forward_equals_single_process",
     "test_full_graph_on_a_two_process_pool_equals_the_local_graph",
     "test_compiled_blocks_give_the_same_velocity",

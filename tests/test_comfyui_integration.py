@@ -30,6 +30,8 @@ import pytest
 import torch
 
 from pixelwizard_core.pipeline.anchors import Anchor
+from pixelwizard_core.toy.models import install as toy_install
+from pixelwizard_core.toy.models import weights_present as toy_weights_present
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT", "")
@@ -134,6 +136,8 @@ def _write_models(models: Path, scratch: Path) -> None:
     shutil.copy(files["hr"], models / "diffusion_models" / "PixelWizard" / "4k" / "model.pt")
     write_pixelwizard(models / "diffusion_models" / "PixelWizardBig", big_states())
     _write_add_ons(models)
+    if toy_weights_present():
+        toy_install(models)
 
 
 GGUF_DIT = "wan2.2_ti2v_5B-Q8_0.gguf"
@@ -403,6 +407,57 @@ def test_example_workflow_runs(server, name):
     from test_workflows import load
 
     run_workflow(server, load(name))
+
+
+TOY_FILES = {"lr": "pixelwizard_toy/pixelwizard_lr_toy.safetensors", "hr": "pixelwizard_toy/pixelwizard_hr_toy.safetensors",
+             "vae": "pixelwizard_toy/wan2.2_vae_toy.safetensors", "text": "pixelwizard_toy/umt5_toy.safetensors"}
+
+
+def toy_widgets(settings: dict, prompt: str) -> dict:
+    """class -> inputs that point a text-to-video workflow at the toy models (``toy-install``) and sizes."""
+    lr_width, lr_height = (int(v) for v in settings["lr_size"].split("*"))
+    hr_width, hr_height = (int(v) for v in settings["resolution"].split("x"))
+    files = {"precision": "fp32", "attention": "auto", "memory_mode": "gpu"}
+    return {
+        "PixelWizardWanLoader": {"diffusion_model": TOY_FILES["lr"], "vae": TOY_FILES["vae"],
+                                 "text_encoder": TOY_FILES["text"], "vae_precision": "fp32", **files},
+        "PixelWizardTextEncode": {"prompt": prompt, "negative_prompt": ""},
+        "PixelWizardAnchorSampler": {"width": lr_width, "height": lr_height, "frames": settings["frame_num"],
+                                     "steps": settings["lr_steps"], "shift": settings["lr_shift"],
+                                     "cfg": settings["lr_guide_scale"], "seed": 0},
+        "PixelWizardHRSampler": {"preset": "custom", "width": hr_width, "height": hr_height,
+                                 "steps": settings["hr_steps"], "shift": settings["hr_shift"],
+                                 "cfg": settings["hr_guide_scale"]},
+        "PixelWizardDecodeToVideo": {"num_patches": settings["num_patches"], "overlap": settings["overlap"]},
+    }
+
+
+@pytest.mark.skipif(not toy_weights_present(), reason="no toy weights shipped")
+def test_the_example_workflow_on_the_toy_models_draws_the_prompt(server):
+    """text_to_2k_video pointed at the toy files that `toy-install` put in the models folder, at the toy
+    sizes: ComfyUI's run gives a video whose measured colour, shape and motion are the prompt's."""
+    from test_workflows import load, to_api_prompt
+
+    from pixelwizard_core.toy.measure import measure
+    from pixelwizard_core.toy.models import manifest
+    from pixelwizard_core.toy.world import parse_prompt
+
+    toy = manifest()
+    widgets = toy_widgets(toy["settings"], toy["prompt"])
+    prompt = to_api_prompt(load("text_to_2k_video"))
+    for node in prompt.values():
+        node["inputs"].update(widgets.get(node["class_type"], {}))
+        if node["class_type"] == "PixelWizardCheckpointLoader":
+            node["inputs"].update(checkpoint=TOY_FILES[node["inputs"]["stage"]], precision="fp32", memory_mode="gpu")
+    outputs = server.run(prompt)["outputs"]
+    decode = next(k for k, node in prompt.items() if node["class_type"] == "PixelWizardDecodeToVideo")
+    video = read_output_video(server, outputs[decode]["text"][0]).float() / 255
+    hr_width, hr_height = (int(v) for v in toy["settings"]["resolution"].split("x"))
+    assert tuple(video.shape) == (toy["settings"]["frame_num"], hr_height, hr_width, 3)
+    measured = measure(video)
+    wanted = parse_prompt(toy["prompt"])
+    assert (measured.colour, measured.shape, measured.motion) == (wanted["colour"], wanted["shape"], wanted["motion"]), \
+        measured
 
 
 def test_multi_gpu_workflow_runs_on_worker_processes_and_shuts_them_down(server):

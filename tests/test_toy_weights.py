@@ -11,8 +11,9 @@ from safetensors import safe_open
 from pixelwizard_core.pipeline.demo import TOY_WEIGHTS, demo_kind, toy_manifest
 from pixelwizard_core.pipeline.models import ModelFiles
 from pixelwizard_core.toy.models import FILES, MANIFEST_FILE, TOKENIZER_FILE, manifest, weight_paths, weights_present
+from pixelwizard_core.toy.vocab import TEXT_ROWS
 
-MAX_TOTAL_BYTES = 10 * 2**20
+MAX_TOTAL_BYTES = 20 * 2**20  # fp16; the DiTs are 256 wide (see toy/models.py)
 
 # Until `train-toy` has written weights that pass these checks, the package ships none (the demo then
 # uses random weights); the tests run as soon as the files are there.
@@ -48,6 +49,15 @@ def test_the_real_loaders_accept_every_file_for_its_role():
     paths = weight_paths()
     files = ModelFiles(text_encoder=paths["text"], vae=paths["vae"], lr=paths["lr"], hr=paths["hr"])
     files.check_kinds("text", "vae", "lr", "hr")  # raises on a file of the wrong kind
+
+
+def test_the_loaders_read_the_16_row_text_window_from_the_files():
+    from pixelwizard_core.loading import load_dit, load_hr_dit, load_t5_tokenizer
+
+    paths = weight_paths()
+    assert load_t5_tokenizer(paths["text"]).max_length == TEXT_ROWS
+    assert load_dit(paths["lr"], device="meta").config.text_len == TEXT_ROWS
+    assert load_hr_dit(paths["hr"], device="meta").config.text_len == TEXT_ROWS
 
 
 def test_demo_uses_the_toy_models_when_present_and_random_on_request():

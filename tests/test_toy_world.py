@@ -115,3 +115,59 @@ def test_tokenizer_file_reads_as_umt5_and_drops_foreign_words(tmp_path):
     assert ids[0, :len(words) + 1].tolist() == [vocab[w] for w in words] + [1]
     assert ids[1].tolist() == ids[2].tolist() == [1] + [0] * 15  # like the empty prompt: </s> only
     assert mask.sum(1).tolist() == [10, 1, 1]
+
+
+def test_the_recipe_runs_end_to_end_and_writes_files_the_loaders_read(tmp_path):
+    """``train_all`` on a few steps of everything: four files in the published layouts, the 16-row text
+    window recorded where the loaders look, the timings and the recipe in toy_training.json, and the
+    cache reused by a second run (which trains nothing)."""
+    import json
+
+    from pixelwizard_core.loading import load_dit, load_hr_dit, load_t5_tokenizer
+    from pixelwizard_core.toy.models import weight_paths, weights_present
+    from pixelwizard_core.toy.recipe import ToyRecipe, train_all
+    from pixelwizard_core.toy.vocab import TEXT_ROWS
+
+    recipe = ToyRecipe(clips=2, lr_clips=3, vae_mix=((128, 64, 5, 1, 128),), vae_phases=((1, 1e-3, False),),
+                       lr_dit_steps=2, lr_batch=2, hr_pretrain_steps=1, hr_shortcut_steps=2, batch=2)
+    info = train_all(tmp_path / "w", recipe, cache=tmp_path / "cache")
+    paths = weight_paths(tmp_path / "w")
+    assert weights_present(tmp_path / "w")
+    assert load_t5_tokenizer(paths["text"]).max_length == TEXT_ROWS
+    assert load_dit(paths["lr"]).config.text_len == TEXT_ROWS
+    assert load_hr_dit(paths["hr"]).config.text_len == TEXT_ROWS
+    written = json.loads((tmp_path / "w" / "toy_training.json").read_text())
+    assert written["recipe"]["lr_clips"] == 3 and set(written["timings_s"]) == set(info["timings_s"])
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert cached == ["hr_data.pt", "hr_fm.pt", "hr_sc.pt", "lr_data.pt", "lr_dit.pt", "vae.pt"]
+    from safetensors.torch import load_file
+
+    before = load_file(paths["lr"])
+    again = train_all(tmp_path / "w", recipe, cache=tmp_path / "cache")
+    assert again["timings_s"] == {} and sorted(again["from_cache"]) == [n[:-3] for n in cached]
+    assert sorted(info["timings_s"]) == [n[:-3] for n in cached] and info["from_cache"] == []
+    after = load_file(paths["lr"])
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_toy_install_puts_each_file_where_the_comfyui_loaders_look(tmp_path):
+    from pixelwizard_core.errors import MissingFileError
+    from pixelwizard_core.loading.folders import tokenizer_folder
+    from pixelwizard_core.toy.models import FILES, TOKENIZER_FILE, install
+
+    source = tmp_path / "weights"
+    source.mkdir()
+    for name in (*FILES.values(), TOKENIZER_FILE):
+        (source / name).write_bytes(name.encode())
+    installed = install(tmp_path / "models", source)
+    models = tmp_path / "models"
+    assert installed["lr"] == models / "diffusion_models" / "pixelwizard_toy" / FILES["lr"]
+    assert installed["hr"].parent == installed["lr"].parent
+    assert installed["vae"] == models / "vae" / "pixelwizard_toy" / FILES["vae"]
+    assert installed["tokenizer"].parent == installed["text"].parent == models / "text_encoders" / "pixelwizard_toy"
+    assert tokenizer_folder(installed["text"]) == installed["text"].parent
+    assert all(p.read_bytes() == p.name.encode() for p in installed.values())
+    assert not [p for p in models.rglob("*") if p.name.startswith(".")]  # no temporary left
+    (source / FILES["vae"]).unlink()
+    with pytest.raises(MissingFileError, match="train-toy"):
+        install(tmp_path / "other", source)

@@ -116,7 +116,7 @@ def train_variants(cache: str | Path, output: str | Path, recipe: ToyRecipe = To
     import torch
 
     cache, output = Path(cache), Path(output)
-    data = ToyData(**torch.load(cache / "data.pt", weights_only=True))
+    data = ToyData(**torch.load(cache / "hr_data.pt", weights_only=True))
     start = new_hr_dit(0)
     start.load_state_dict(torch.load(cache / "hr_fm.pt", weights_only=True))
     files = {}

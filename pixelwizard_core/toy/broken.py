@@ -7,7 +7,8 @@ checks (:func:`.evaluate.check`) can show that they catch it:
 - ``anchor_not_injected``: the injector's control is never added (the HR model samples from text alone);
 - ``anchor_wrong_grid``: the anchor is resized to the *latent* grid (H/16, W/16) instead of the token grid
   and cropped to fit, so its layout lands at the wrong place;
-- ``decode_no_blend``: tiles meet at a hard cut in the middle of their shared band, with no ramps.
+- ``decode_no_blend``: the tiles are pasted in order, each over the last, with no ramps (a naive stitch:
+  each tile's edge, decoded without the context beyond it, lands in the picture).
 """
 
 from __future__ import annotations
@@ -44,11 +45,10 @@ def _latent_grid_anchor(latent: torch.Tensor, width: int, height: int) -> torch.
     return cropped.reshape(batch, frames, channels, height // 32, width // 32).permute(0, 2, 1, 3, 4)
 
 
-def _hard_axis_weights(ranges: Sequence[tuple[int, int]], length: int) -> list[torch.Tensor]:
+def _pasted_axis_weights(ranges: Sequence[tuple[int, int]], length: int) -> list[torch.Tensor]:
     owner = torch.zeros(length, dtype=torch.long)
     for i, (start, _) in enumerate(ranges):
-        cut = start if i == 0 else (start + ranges[i - 1][1]) // 2
-        owner[cut:] = i
+        owner[start:] = i
     return [(owner[start:stop] == i).float() for i, (start, stop) in enumerate(ranges)]
 
 
@@ -72,7 +72,7 @@ def anchor_wrong_grid() -> Iterator[None]:
 
 @contextlib.contextmanager
 def decode_no_blend() -> Iterator[None]:
-    with mock.patch.object(tiled_decode, "cosine_axis_weights", _hard_axis_weights):
+    with mock.patch.object(tiled_decode, "cosine_axis_weights", _pasted_axis_weights):
         yield
 
 

@@ -1,5 +1,6 @@
-"""``python -m pixelwizard_core train-toy`` (the toy models from a seed) and ``toy-check`` (the quality
-checks, the broken variants and the shortcut ablation on the toy world).
+"""``python -m pixelwizard_core train-toy`` (the toy models from a seed), ``toy-check`` (the quality
+checks and the broken variants), ``toy-ablation`` (the shortcut ablation on the toy world) and
+``toy-install`` (the toy models into a ComfyUI models folder).
 
 ``train-toy --output DIR`` writes the four weight files and ``tokenizer.json``; without ``--output`` it
 rewrites the shipped ones in the package. ``toy-check`` prints measured values and pass/fail per prompt.
@@ -18,15 +19,16 @@ import torch
 from .models import WEIGHTS_DIR
 
 log = logging.getLogger("pixelwizard")
-STEP_FIELDS = {"clips": "scenes in the DiTs' data set", "lr_dit_steps": "LR DiT flow-matching steps",
+STEP_FIELDS = {"clips": "scenes in the HR DiT's data set", "lr_clips": "scenes in the LR DiT's data set",
+               "lr_dit_steps": "LR DiT flow-matching steps", "lr_batch": "LR DiT batch size",
                "hr_pretrain_steps": "HR DiT flow-matching steps (dt = 0)",
                "hr_shortcut_steps": "HR DiT shortcut steps (from the flow-matching model)",
-               "batch": "DiT batch size"}
+               "batch": "HR DiT batch size"}
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction,
                    formatter: type[argparse.HelpFormatter] = argparse.HelpFormatter) -> None:
-    """Register ``train-toy`` and ``toy-check`` on the main parser's subcommands."""
+    """Register the toy commands on the main parser's subcommands."""
     from .recipe import ToyRecipe
 
     defaults = ToyRecipe()
@@ -67,6 +69,15 @@ def add_subcommand(subparsers: argparse._SubParsersAction,
     ablate.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ablate.set_defaults(run=cmd_toy_ablation)
 
+    setup = subparsers.add_parser("toy-install", help="copy the toy models into a ComfyUI models folder",
+                                  description="Copy the shipped toy models into <models>/diffusion_models, vae and "
+                                              "text_encoders (each under pixelwizard_toy/), where the ComfyUI "
+                                              "loaders list them; the toy sizes and settings are in demo.json.",
+                                  formatter_class=formatter)
+    setup.add_argument("--models", required=True, metavar="DIR", help="the models folder, e.g. ComfyUI/models")
+    setup.add_argument("--weights", default=str(WEIGHTS_DIR), help="folder of the toy weight files")
+    setup.set_defaults(run=cmd_toy_install)
+
 
 def cmd_train_toy(args: argparse.Namespace) -> int:
     from .recipe import ToyRecipe, train_all
@@ -77,6 +88,14 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
     recipe = replace(recipe, vae_phases=phases)
     info = train_all(Path(args.output) if args.output else WEIGHTS_DIR, recipe, cache=args.cache)
     print(json.dumps(info["timings_s"], indent=2))
+    return 0
+
+
+def cmd_toy_install(args: argparse.Namespace) -> int:
+    from .models import install
+
+    for role, path in install(args.models, args.weights).items():
+        log.info("%-9s %s", role, path)
     return 0
 
 

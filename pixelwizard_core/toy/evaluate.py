@@ -20,12 +20,14 @@ from ..pipeline.models import ModelFiles, Models
 from ..pipeline.presets import StageSettings
 from ..pipeline.runner import PixelWizard
 from .measure import Measurement, measure
-from .models import (CFG, HR_SHIFT, HR_STEPS, LR_SHIFT, LR_STEPS, OVERLAP, SIZES, TILES, WEIGHTS_DIR,
+from .models import (HR_CFG, HR_SHIFT, HR_STEPS, LR_CFG, LR_SHIFT, LR_STEPS, OVERLAP, SIZES, TILES, WEIGHTS_DIR,
                      weight_paths)
 from .world import from_model_video, parse_prompt
-# Tolerances of :func:`check`, in HR pixels of a 384x192 clip (the object's radius is about 33 px).
+# Tolerances of :func:`check`: centroids in HR pixels of a 384x192 clip (the object's radius is about
+# 33 px); the seam in mean absolute change between columns (0..1 pixel values; blended tiles of the
+# shipped models stay under 0.004, tiles pasted over each other make steps of 0.03-0.07)
 ANCHOR_TOLERANCE_PX = 18.0
-SEAM_TOLERANCE = 0.02
+SEAM_TOLERANCE = 0.01
 
 TEST_PROMPTS = (
     "a red circle moving right on a dark background",
@@ -36,11 +38,11 @@ TEST_PROMPTS = (
 )
 
 
-def lr_settings(steps: int = LR_STEPS, cfg: float = CFG) -> StageSettings:
+def lr_settings(steps: int = LR_STEPS, cfg: float = LR_CFG) -> StageSettings:
     return StageSettings(SIZES.lr_width, SIZES.lr_height, SIZES.frames, steps, LR_SHIFT, cfg, "unipc")
 
 
-def hr_settings(steps: int = HR_STEPS, cfg: float = CFG, solver: str = "unipc",
+def hr_settings(steps: int = HR_STEPS, cfg: float = HR_CFG, solver: str = "unipc",
                 shift: float = HR_SHIFT) -> StageSettings:
     return StageSettings(SIZES.hr_width, SIZES.hr_height, SIZES.frames, steps, shift, cfg, solver)
 
@@ -65,6 +67,7 @@ class ToyResult:
     anchor: torch.Tensor               # [F, h, w, 3] in 0..1 (the anchor decoded whole)
     measured: Measurement
     anchor_measured: Measurement
+    whole: torch.Tensor                # [F, H, W, 3]: the HR latent decoded whole (the seam check's reference)
     latent: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
@@ -77,9 +80,10 @@ def decode_frames(pw: PixelWizard, latent: torch.Tensor, settings: DecodeSetting
     return from_model_video(video)
 
 
-def anchor_frames(pw: PixelWizard, anchor_latent: torch.Tensor) -> torch.Tensor:
+def decode_whole(pw: PixelWizard, latent: torch.Tensor) -> torch.Tensor:
+    """A latent (an anchor, or an HR latent for the seam check's reference) decoded untiled: [F, H, W, 3]."""
     with pw.models.use("vae") as vae:
-        return from_model_video(vae.decode(anchor_latent.to(vae.device)).cpu())
+        return from_model_video(vae.decode(latent.to(vae.device)).cpu())
 
 
 def generate(pw: PixelWizard, prompt: str, seed: int = 0, *, hr: StageSettings | None = None,
@@ -91,9 +95,9 @@ def generate(pw: PixelWizard, prompt: str, seed: int = 0, *, hr: StageSettings |
         anchor = pw.anchor(text, lr or lr_settings(), seed)
     latent = pw.upscale(anchor, text, hr or hr_settings(), seed + 9900)
     frames = decode_frames(pw, latent, decode or decode_settings())
-    anchor_clip = anchor_frames(pw, anchor.latent)
-    return ToyResult(prompt, frames, anchor_clip, measure(frames), measure(anchor_clip), latent,
-                     {"anchor": anchor})
+    anchor_clip = decode_whole(pw, anchor.latent)
+    return ToyResult(prompt, frames, anchor_clip, measure(frames), measure(anchor_clip), decode_whole(pw, latent),
+                     latent, {"anchor": anchor})
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -109,18 +113,16 @@ def anchor_distance(result: ToyResult) -> float:
     return sum(distances) / len(distances)
 
 
-def seam_step(clip: torch.Tensor, column: int, reach: int = 6) -> float:
-    """How much the jump between columns ``column - 1`` and ``column`` exceeds the typical jump between
-    neighbouring columns around it (0 for a seamless clip; a hard tile seam shows as a step)."""
-    jumps = (clip[:, :, 1:] - clip[:, :, :-1]).abs().mean(dim=(0, 1, 3))  # [W-1], jump j: column j -> j+1
-    seam = float(jumps[column - 1])
-    around = torch.cat([jumps[column - 1 - reach:column - 2], jumps[column + 1:column + reach]])
-    return seam - float(around.median())
+def _column_jumps(clip: torch.Tensor) -> torch.Tensor:
+    """[W - 1]: mean absolute change from each pixel column to the next."""
+    return (clip[:, :, 1:] - clip[:, :, :-1]).abs().mean(dim=(0, 1, 3))
 
 
-def seam_column() -> int:
-    """The pixel column where two toy tiles meet (the middle of their shared band)."""
-    return SIZES.hr_width // 2
+def seam_step(tiled: torch.Tensor, whole: torch.Tensor) -> float:
+    """The largest step between neighbouring columns that the tiled decode has and the whole decode of the
+    same latent has not (about 0 when tiles blend; a tile edge pasted over its neighbour shows as a step).
+    Measured against the whole decode, a content edge (the split background) is not taken for a seam."""
+    return float((_column_jumps(tiled) - _column_jumps(whole)).max())
 
 
 def check(result: ToyResult) -> dict[str, bool]:
@@ -128,7 +130,7 @@ def check(result: ToyResult) -> dict[str, bool]:
     expected = parse_prompt(result.prompt)
     passed = result.measured.matches(expected)
     passed["follows_anchor"] = anchor_distance(result) <= ANCHOR_TOLERANCE_PX
-    passed["seamless"] = seam_step(result.hr, seam_column()) <= SEAM_TOLERANCE
+    passed["seamless"] = seam_step(result.hr, result.whole) <= SEAM_TOLERANCE
     return passed
 
 
@@ -136,5 +138,5 @@ def summary(result: ToyResult) -> dict:
     m = result.measured
     return {"prompt": result.prompt, "colour": m.colour, "shape": m.shape, "motion": m.motion,
             "speed": round(m.speed, 2), "sharpness": round(m.sharpness, 3), "flicker": round(m.flicker, 4),
-            "anchor_px": round(anchor_distance(result), 1), "seam": round(seam_step(result.hr, seam_column()), 4),
+            "anchor_px": round(anchor_distance(result), 1), "seam": round(seam_step(result.hr, result.whole), 4),
             "checks": check(result)}

@@ -50,7 +50,8 @@ class ToyRecipe:
     """Sizes and rates of the toy training run (defaults: the run reported in BENCHMARKS.md)."""
 
     seed: int = 0
-    clips: int = 320
+    clips: int = 320        # HR stage: scenes encoded at both sizes
+    lr_clips: int = 3000    # LR stage: scenes encoded at the anchor size only (cheap; the LR DiT needs many)
     # what one VAE step renders, cycling: (width, height, frames, batch, crop); the crop is a square window
     # around the object (the 128x64 clips are whole). HR-scale edges from crops of 512x256 renders, whole
     # objects at the anchor size, single frames (cheap) for the spatial part.
@@ -59,9 +60,14 @@ class ToyRecipe:
     # VAE phases (steps, peak lr, decoder only), each a one-cycle schedule of its own: the whole VAE, then
     # the decoder alone (sharper edges; the encoder, so the DiTs' latents, stays as it is)
     vae_phases: tuple[tuple[int, float, bool], ...] = ((1500, 3e-3, False), (1000, 1e-3, True))
-    lr_dit_steps: int = 2000
-    hr_pretrain_steps: int = 1200
-    hr_shortcut_steps: int = 800
+    lr_dit_steps: int = 8000
+    lr_batch: int = 32      # many small clips per step: a step of 16-token clips is cheap
+    # the LR DiT's flow matching: an unshifted grid and no timestep weighting (its 16-token latent is far
+    # smaller than the release's, so the high-noise bias of shift 5 would leave the object undertrained)
+    lr_shift: float = 1.0
+    lr_timestep_weighting: str = "none"
+    hr_pretrain_steps: int = 1500
+    hr_shortcut_steps: int = 600
     batch: int = 8
     dit_lr: float = 1e-3
     ema_decay: float = 0.995
@@ -73,14 +79,13 @@ class ToyRecipe:
 
 @dataclass
 class ToyData:
-    """The encoded data set: HR latents, anchor latents (at the HR token grid), contexts."""
+    """An encoded data set of one stage: clean latents, their anchors (HR stage) and text contexts."""
 
-    hr: torch.Tensor        # [N, 48, T, H/16, W/16]
-    anchor: torch.Tensor    # [N, 48, T, H/32, W/32]: the anchor latent resized to the HR token grid
-    lr: torch.Tensor        # [N, 48, T, h/16, w/16]: the anchor latent itself (the LR DiT's data)
-    context: torch.Tensor   # [N, 512, text_dim]
-    empty: torch.Tensor     # [512, text_dim]: the "" prompt
+    latent: torch.Tensor           # [N, 48, T, H/16, W/16]
+    context: torch.Tensor          # [N, text rows, text_dim]
+    empty: torch.Tensor            # [text rows, text_dim]: the "" prompt (CFG dropout)
     prompts: list[str]
+    anchor: torch.Tensor | None = None  # [N, 48, T, H/32, W/32]: the anchor latent on the HR token grid
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -125,33 +130,49 @@ def downsample_clip(clip: torch.Tensor, factor: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+def encode_prompts(text: TextEncoder, prompts: list[str], chunk: int = 64) -> torch.Tensor:
+    """Contexts of ``prompts``, each distinct prompt encoded once."""
+    distinct = sorted(set(prompts))
+    rows = torch.cat([text.encode(distinct[i:i + chunk]) for i in range(0, len(distinct), chunk)])
+    where = {prompt: i for i, prompt in enumerate(distinct)}
+    return rows[[where[p] for p in prompts]]
+
+
 @torch.no_grad()
 def encode_dataset(vae: WanVAE, text: TextEncoder, count: int, seed: int, sizes: ToySizes = SIZES,
-                   chunk: int = 8) -> ToyData:
+                   chunk: int = 8, *, stage: str) -> ToyData:
+    """``count`` scenes of ``seed`` encoded for one stage: the LR stage's latents are the anchors (HR
+    renders area-downsampled, the reference's first degradation step); the HR stage's are the HR clips,
+    with those anchors resized to the token grid."""
     scenes = dataset(count, seed, sizes.frames)
     factor = sizes.hr_width // sizes.lr_width
     hr, lr = [], []
     for start in range(0, count, chunk):
         clips = [render(s, sizes.hr_width, sizes.hr_height, sizes.frames) for s in scenes[start:start + chunk]]
-        hr.append(vae.encode(torch.cat([to_model_video(c) for c in clips])))
         lr.append(vae.encode(torch.cat([to_model_video(downsample_clip(c, factor)) for c in clips])))
+        if stage == "hr":
+            hr.append(vae.encode(torch.cat([to_model_video(c) for c in clips])))
     prompts = [s.prompt for s in scenes]
-    lr_latents = torch.cat(lr)
-    return ToyData(hr=torch.cat(hr), anchor=resize_anchor(lr_latents, sizes.hr_width, sizes.hr_height),
-                   lr=lr_latents, context=text.encode(prompts), empty=text.encode([""])[0], prompts=prompts)
+    context, empty = encode_prompts(text, prompts), text.encode([""])[0]
+    anchors = torch.cat(lr)
+    if stage == "lr":
+        return ToyData(latent=anchors, context=context, empty=empty, prompts=prompts)
+    return ToyData(latent=torch.cat(hr), context=context, empty=empty, prompts=prompts,
+                   anchor=resize_anchor(anchors, sizes.hr_width, sizes.hr_height))
 
 
-def batches(data: ToyData, batch: int, seed: int, *, stage: str):
-    """batches(step) -> TrainingBatch of the LR or HR stage, a pure function of (seed, step)."""
-    count = data.hr.shape[0]
+def batches(data: ToyData, batch: int, seed: int):
+    """batches(step) -> TrainingBatch, a pure function of (seed, step); the LR stage's anchors are zeros
+    (its model takes none)."""
+    count = data.latent.shape[0]
 
     def make(step: int) -> TrainingBatch:
         index = torch.randint(count, (batch,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
-        if stage == "lr":
-            latent = data.lr[index]
+        latent = data.latent[index]
+        if data.anchor is None:
             anchor = latent.new_zeros(*latent.shape[:3], latent.shape[3] // 2, latent.shape[4] // 2)
         else:
-            latent, anchor = data.hr[index], data.anchor[index]
+            anchor = data.anchor[index]
         return TrainingBatch(latent=latent, context=data.context[index], anchor=anchor, empty_context=data.empty)
 
     return make
@@ -160,7 +181,7 @@ def batches(data: ToyData, batch: int, seed: int, *, stage: str):
 # ---------------------------------------------------------------------------------------------- DiTs
 
 def fit(model: nn.Module, objective: ShortcutConfig, data: ToyData, *, stage: str, steps: int, recipe: ToyRecipe,
-        seed: int) -> Trainer:
+        seed: int, batch: int | None = None) -> Trainer:
     """Train through the project's Trainer (AdamW with beta1 0.9: from scratch, beta1 0 is slow), then
     load the EMA weights into the model."""
     optim = OptimConfig(lr=recipe.dit_lr, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0,
@@ -172,7 +193,7 @@ def fit(model: nn.Module, objective: ShortcutConfig, data: ToyData, *, stage: st
         if step % 250 == 0 or step == steps:
             log.info("%s step %d/%d loss %.4f (%.0f s)", stage, step, steps, logs["loss"], time.perf_counter() - start)
 
-    trainer.fit(batches(data, recipe.batch, seed, stage=stage), steps, log_every=0, on_step=report)
+    trainer.fit(batches(data, batch or recipe.batch, seed), steps, log_every=0, on_step=report)
     if trainer.ema.shadow is not None:
         with torch.no_grad():
             params = dict(model.named_parameters())
@@ -186,8 +207,10 @@ def train_lr_dit(data: ToyData, recipe: ToyRecipe) -> WanDiT:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed + 1)
         dit = WanDiT(DIT)
-    fit(FlowOnly(dit), replace(recipe.shortcut, sc_rate=0.0), data, stage="lr", steps=recipe.lr_dit_steps,
-        recipe=recipe, seed=recipe.seed + 1)
+    objective = replace(recipe.shortcut, sc_rate=0.0, shift=recipe.lr_shift,
+                        timestep_weighting=recipe.lr_timestep_weighting)
+    fit(FlowOnly(dit), objective, data, stage="lr", steps=recipe.lr_dit_steps, recipe=recipe, seed=recipe.seed + 1,
+        batch=recipe.lr_batch)
     return dit.eval()
 
 
@@ -225,7 +248,7 @@ def export(folder: Path, *, text: TextEncoder, vae: WanVAE, lr: WanDiT, hr: WanH
     paths = {role: folder / name for role, name in FILES.items()}
     save_file(_half(text.encoder.state_dict()), str(paths["text"]), metadata=meta)
     save_file(_half(vae.state_dict()), str(paths["vae"]), metadata=meta)
-    save_file(_half(lr.state_dict()), str(paths["lr"]), metadata=meta)
+    save_file(_half(lr.state_dict()), str(paths["lr"]), metadata={**meta, "text_len": str(lr.config.text_len)})
     export_hr(paths["hr"], hr, info)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest(), indent=2) + "\n", encoding="utf-8")
     for path in paths.values():
@@ -239,7 +262,7 @@ def export_hr(path: Path, hr: WanHRDiT, info: dict) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(_half(hr.state_dict(), "model."), str(path),
-              metadata={"toy_recipe": json.dumps(info, sort_keys=True),
+              metadata={"toy_recipe": json.dumps(info, sort_keys=True), "text_len": str(hr.config.text_len),
                         "step_size_conditioning": hr.step_size_conditioning})
     path.chmod(0o644)
     return path
@@ -265,17 +288,19 @@ def train_all(folder: str | Path, recipe: ToyRecipe = ToyRecipe(), cache: str | 
     """Train all four models and write them into ``folder``; returns the timings (seconds) and recipe.
     ``cache``: a folder keeping the VAE, the encoded data and the models between runs (for iterating)."""
     folder, cache = Path(folder), (None if cache is None else Path(cache))
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    timings: dict[str, float] = {}   # seconds of each piece computed in this run
+    reused: list[str] = []            # pieces taken from the cache (their time is that of an earlier run)
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 1)
-        clock = now
+    def piece(name: str, make, module: nn.Module | None = None):
+        if cache is not None and (cache / f"{name}.pt").is_file():
+            reused.append(name)
+            return _cached(cache, name, make, module=module)
+        start = time.perf_counter()
+        result = _cached(cache, name, make, module=module)
+        timings[name] = round(time.perf_counter() - start, 1)
+        return result
 
     text = build_text_encoder(folder, recipe.seed)
-    lap("text_encoder")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         vae = WanVAE(VAE)
@@ -286,17 +311,13 @@ def train_all(folder: str | Path, recipe: ToyRecipe = ToyRecipe(), cache: str | 
                       decoder_only=decoder_only)
         return vae
 
-    vae = _cached(cache, "vae", make_vae, module=vae)
-    lap("vae")
-    data = _cached(cache, "data", lambda: encode_dataset(vae, text, recipe.clips, recipe.seed))
-    lap("encode_dataset")
-    lr_dit = _cached(cache, "lr_dit", lambda: train_lr_dit(data, recipe), module=WanDiT(DIT))
-    lap("lr_dit")
-    start = _cached(cache, "hr_fm", lambda: pretrain_hr_dit(data, recipe), module=new_hr_dit(0))
-    lap("hr_dit_flow_matching")
-    hr = _cached(cache, "hr_sc", lambda: shortcut_hr_dit(start, data, recipe), module=new_hr_dit(0))
-    lap("hr_dit_shortcut")
-    info = {"recipe": recipe.to_dict(), "timings_s": timings, "threads": torch.get_num_threads()}
+    vae = piece("vae", make_vae, vae)
+    lr_data = piece("lr_data", lambda: encode_dataset(vae, text, recipe.lr_clips, recipe.seed + 100, stage="lr"))
+    hr_data = piece("hr_data", lambda: encode_dataset(vae, text, recipe.clips, recipe.seed, stage="hr"))
+    lr_dit = piece("lr_dit", lambda: train_lr_dit(lr_data, recipe), WanDiT(DIT))
+    start = piece("hr_fm", lambda: pretrain_hr_dit(hr_data, recipe), new_hr_dit(0))
+    hr = piece("hr_sc", lambda: shortcut_hr_dit(start, hr_data, recipe), new_hr_dit(0))
+    info = {"recipe": recipe.to_dict(), "timings_s": timings, "from_cache": reused, "threads": torch.get_num_threads()}
     export(folder, text=text, vae=vae, lr=lr_dit, hr=hr, info=info)
     (folder / "toy_training.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return info

@@ -14,6 +14,10 @@ from pathlib import Path
 from .world import WORDS
 
 SPECIALS = ("<pad>", "</s>", "<s>", "<unk>")
+# the prompt window: the longest grammar prompt is 11 words plus </s>. Written into tokenizer.json as its
+# truncation length (the tokenizer loader takes it from there) and into the DiT files as ``text_len``, so
+# the toy models attend to 16 rows instead of Wan's 512 (most of their training time went to those rows).
+TEXT_ROWS = 16
 
 
 def vocabulary() -> dict[str, int]:
@@ -37,6 +41,7 @@ def write_tokenizer_json(path: str | Path) -> Path:
         normalizers.Replace(Regex(f"\\b(?!(?:{known})\\b)[a-z]+\\b"), " "),
     ])
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.enable_truncation(max_length=TEXT_ROWS)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
