@@ -23,7 +23,7 @@ from . import cli_batch
 from . import cli_checks as checks
 from .cli_checks import decode_settings, hr_settings, lr_settings
 from . import setup_cli
-from .cli_progress import RunRecord, is_speaking_rank, item_label, logs_above_bars, stage_bar
+from .cli_progress import RunRecord, item_label, leads_a_group, logs_above_bars, stage_bar
 from .errors import ConfigError, PixelWizardError
 from .io.paths import check_folder
 from .loading.folders import resolve as resolve_weights_path
@@ -558,12 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", error)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C, Ctrl-Break, SIGTERM, SIGHUP: outputs were aborted on the way out
-        return _stopped(record, stop)
+        return _stopped(record, stop, getattr(args, "ulysses_size", 1))
     except Exception as error:
         stop = _stop_behind(error)
         if stop is None:
             raise  # a bug: its traceback is wanted
-        return _stopped(record, stop)
+        return _stopped(record, stop, getattr(args, "ulysses_size", 1))
     return code or 0
 
 
@@ -576,9 +576,9 @@ def _stop_behind(error: BaseException) -> KeyboardInterrupt | None:
     return seen
 
 
-def _stopped(record: RunRecord, stop: KeyboardInterrupt) -> int:
+def _stopped(record: RunRecord, stop: KeyboardInterrupt, ulysses: int) -> int:
     name = getattr(stop, "signal_name", "SIGINT")
-    if is_speaking_rank():
+    if leads_a_group(ulysses):  # each group's leader: with groups of one, the rank writing the file may be any
         log.error("%s", record.stopped_line(name))
     return stop_exit_code(name)
 

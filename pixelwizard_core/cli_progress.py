@@ -27,6 +27,12 @@ def is_speaking_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def leads_a_group(ulysses: int) -> bool:
+    """Whether this process leads its group of ``ulysses`` consecutive torchrun ranks (the one that writes
+    its group's files, so the one that says what a stop left of them)."""
+    return int(os.environ.get("RANK", "0")) % max(ulysses, 1) == 0
+
+
 class StageBar:
     """The progress bar of one stage: ``label`` (e.g. ``[1/3] HR 2560x1440``), counting ``unit``.
 
