@@ -38,9 +38,9 @@ VAE = VAEConfig(dim=8, dec_dim=16, dim_mult=(1, 2, 2, 2))
 
 @dataclass(frozen=True)
 class ToySizes:
-    """Stage sizes of the toy world (pixels and frames); HR is 3x the anchor (2K is ~5.7x 448x256): the
-    largest the HR DiT trains at in minutes on one CPU core (its cost grows with the 512 text rows it attends
-    to and the square of its tokens)."""
+    """Stage sizes of the toy world (pixels and frames); HR is 3x the anchor (2K is ~5.7x 448x256): an HR
+    DiT step of batch 8 (144 tokens) takes about 0.45 s on one CPU core, so the HR model trains in about
+    20 minutes."""
 
     lr_width: int = 128
     lr_height: int = 64

@@ -5,10 +5,12 @@ Order (each step's output feeds the next):
 1. the tokenizer (written) and a random, frozen umT5-structured text encoder (seeded);
 2. the VAE, trained to reconstruct fresh clips (:mod:`.vae_training`): crops of HR-scale renders, whole
    anchor-size clips and single frames; first the whole VAE, then the decoder alone;
-3. a data set of ``clips`` scenes: HR clips encoded to HR latents, their 3x area-downsampled versions
-   (the reference's first degradation step) encoded to anchor latents, prompts encoded to contexts;
+3. the data sets: ``lr_clips`` scenes for the LR DiT, their HR renders 3x area-downsampled (the
+   reference's first degradation step) and encoded at the anchor size; ``clips`` other scenes for the HR
+   DiT, encoded at both sizes (the HR latent and its anchor); prompts encoded to 16-row contexts;
 4. the LR DiT by flow matching on the anchor latents, through :class:`~..training.ShortcutObjective` with
-   ``sc_rate`` 0 (a flow-matching-only objective; the LR model has no dt and no anchor);
+   ``sc_rate`` 0 (a flow-matching-only objective; the LR model has no dt and no anchor), on an unshifted
+   grid (``lr_shift``) with large batches;
 5. the HR DiT: flow matching first (``sc_rate`` 0, dt = 0), then the paper's noise-span aligned shortcut
    training (``ShortcutConfig`` defaults: SC rate 0.3, exponential index sampling beta 0.7, calibration
    power 0.5), both through :class:`~..training.Trainer`.
@@ -29,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..loading.tokenizer import UMT5Tokenizer
 from ..models.dit import WanDiT
 from ..models.hr import WanHRDiT
@@ -144,6 +147,8 @@ def encode_dataset(vae: WanVAE, text: TextEncoder, count: int, seed: int, sizes:
     """``count`` scenes of ``seed`` encoded for one stage: the LR stage's latents are the anchors (HR
     renders area-downsampled, the reference's first degradation step); the HR stage's are the HR clips,
     with those anchors resized to the token grid."""
+    if stage not in ("lr", "hr"):
+        raise ConfigError(f"encode_dataset: stage {stage!r}; choose lr or hr")
     scenes = dataset(count, seed, sizes.frames)
     factor = sizes.hr_width // sizes.lr_width
     hr, lr = [], []
