@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from pixelwizard_core.pipeline.anchors import Anchor
+from pixelwizard_core.toy.models import FILES, INSTALL_SUBFOLDER
 from pixelwizard_core.toy.models import install as toy_install
 from pixelwizard_core.toy.models import weights_present as toy_weights_present
 
@@ -409,8 +410,7 @@ def test_example_workflow_runs(server, name):
     run_workflow(server, load(name))
 
 
-TOY_FILES = {"lr": "pixelwizard_toy/pixelwizard_lr_toy.safetensors", "hr": "pixelwizard_toy/pixelwizard_hr_toy.safetensors",
-             "vae": "pixelwizard_toy/wan2.2_vae_toy.safetensors", "text": "pixelwizard_toy/umt5_toy.safetensors"}
+TOY_FILES = {role: f"{INSTALL_SUBFOLDER}/{name}" for role, name in FILES.items()}  # as the combos list them
 
 
 def toy_widgets(settings: dict, prompt: str) -> dict:

@@ -84,7 +84,8 @@ def manifest() -> dict:
 
 # Where ``toy-install`` puts each file in a ComfyUI models folder (a subfolder of its own, so the
 # tokenizer can sit next to the text encoder without meeting another model's)
-INSTALL_FOLDERS = {"text": "text_encoders", "vae": "vae", "lr": "diffusion_models", "hr": "diffusion_models"}
+INSTALL_FOLDERS = {"text": "text_encoders", "tokenizer": "text_encoders", "vae": "vae", "lr": "diffusion_models",
+                   "hr": "diffusion_models"}
 INSTALL_SUBFOLDER = "pixelwizard_toy"
 
 
@@ -101,7 +102,7 @@ def install(models: str | Path, folder: str | Path = WEIGHTS_DIR) -> dict[str, P
     sources = {**weight_paths(folder), "tokenizer": Path(folder) / TOKENIZER_FILE}
     installed = {}
     for role, source in sources.items():
-        target = Path(models) / INSTALL_FOLDERS.get(role, INSTALL_FOLDERS["text"]) / INSTALL_SUBFOLDER / source.name
+        target = Path(models) / INSTALL_FOLDERS[role] / INSTALL_SUBFOLDER / source.name
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = temporary_name(target)
         try:
